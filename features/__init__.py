@@ -1,0 +1,1 @@
+"""quadrant's lower layer: images, backbones, CNN codes and their HDF5 cache."""

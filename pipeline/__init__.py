@@ -1,0 +1,1 @@
+"""quadrant's stages: config, command line and one module per stage."""
