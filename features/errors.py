@@ -22,11 +22,11 @@ class ConfigError(PipelineError, ValueError):
 
 
 class StageInputError(PipelineError, FileNotFoundError):
-    """An input a stage needs (a folder, a file, an earlier stage's output) is missing."""
+    """A stage's input (a folder, a file, an earlier output) is missing."""
 
 
 class DataError(PipelineError, ValueError):
-    """The labelled images cannot be used as they are (no images, an empty class ...)."""
+    """The labelled images cannot be used as they are (no images, empty class)."""
 
 
 class ImageDecodeError(PipelineError, OSError):

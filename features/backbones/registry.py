@@ -1,0 +1,266 @@
+"""The backbone registry: a name and a weights tag in, a model with its
+preprocessing and a verifiable weights identity out.
+
+Names are torchvision's classification models (`resnet50`, `convnext_tiny` ...)
+and quadrant's own EfficientNet-Lite (`efficientnet_lite0` .. `lite4`). Weights
+are "default", a torchvision enum name ("IMAGENET1K_V2"), "random" (seeded), or
+the path of a local state_dict file.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import get_model, list_models
+
+from features.backbones import efficientnet_lite, torchvision_weights
+from features.errors import BackboneError, WeightsNotFoundError
+from features.transforms import Preprocessing
+
+RANDOM = "random"
+DEFAULT = "default"
+_LITE_PREFIX = "efficientnet_lite"
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A network ready for extraction or fine-tuning.
+
+    Attributes:
+        name: the registry name.
+        model: the network, in eval mode, on the CPU.
+        preprocessing: the input pipeline the weights expect.
+        weights: the weights tag as configured ("default", an enum name,
+            "random" or a path).
+        weights_file: the file the weights came from, if any.
+        weights_sha256: sha256 of that file (or "random:seed=N").
+    """
+
+    name: str
+    model: nn.Module
+    preprocessing: Preprocessing
+    weights: str
+    weights_file: Path | None
+    weights_sha256: str
+
+    def identity(self) -> dict[str, Any]:
+        """What makes these weights these weights (for provenance and cache keys)."""
+        return {
+            "name": self.name,
+            "weights": self.weights,
+            "weights_file": str(self.weights_file) if self.weights_file else None,
+            "weights_sha256": self.weights_sha256,
+            "num_classes": _num_classes(self.model),
+        }
+
+
+@functools.cache
+def available_backbones() -> tuple[str, ...]:
+    """Every name `build_backbone` accepts."""
+    lite = tuple(f"{_LITE_PREFIX}{v[-1]}" for v in efficientnet_lite.VARIANTS)
+    return tuple(sorted(list_models(module=torchvision.models))) + lite
+
+
+def build_backbone(
+    name: str,
+    weights: str = DEFAULT,
+    *,
+    seed: int = 0,
+    preprocessing: Mapping[str, Any] | None = None,
+    num_classes: int | None = None,
+) -> Backbone:
+    """Build a backbone with its weights and preprocessing.
+
+    Args:
+        name: a name from `available_backbones()`.
+        weights: "default", a torchvision weights enum name, "random" or a path.
+        seed: seeds the initialisation of random weights and of new heads.
+        preprocessing: overrides (input_size, resize_size, mean, std,
+            interpolation); None entries keep the backbone's own.
+        num_classes: a new classifier size; None keeps the weights' own.
+
+    Raises:
+        BackboneError: unknown name or weights tag, or a checkpoint that does
+            not fit the architecture.
+        WeightsNotFoundError: pretrained weights neither on disk nor downloadable.
+    """
+    if name not in available_backbones():
+        raise BackboneError(
+            f"unknown backbone {name!r}; run `quadrant layers --list` for the names"
+        )
+    prep = _native_preprocessing(name, weights).updated(preprocessing or {})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, file, digest = _load(name, weights, prep.input_size, num_classes, seed)
+    return Backbone(name, model.eval(), prep, weights, file, digest)
+
+
+def _native_preprocessing(name: str, weights: str) -> Preprocessing:
+    if name.startswith(_LITE_PREFIX):
+        native = efficientnet_lite.preprocessing(_lite_variant(name))
+        return Preprocessing(**native)  # type: ignore[arg-type]
+    known = weights != RANDOM and not _looks_like_path(weights)
+    return torchvision_weights.preprocessing(name, weights if known else DEFAULT)
+
+
+def _lite_variant(name: str) -> str:
+    return "lite" + name.removeprefix(_LITE_PREFIX)
+
+
+def _load(
+    name: str, weights: str, input_size: int, num_classes: int | None, seed: int
+) -> tuple[nn.Module, Path | None, str]:
+    if weights == RANDOM:
+        return _architecture(name, input_size, num_classes), None, f"random:seed={seed}"
+    if _looks_like_path(weights):
+        return _load_checkpoint(name, Path(weights), input_size, num_classes)
+    file = _pretrained_file(name, weights)
+    model = _architecture(name, input_size, None)
+    _load_state(model, _read_state_dict(file), name, file)
+    if num_classes is not None and num_classes != _num_classes(model):
+        model = _with_new_head(model, name, input_size, num_classes)
+    return model, file, sha256_of(file)
+
+
+def _looks_like_path(weights: str) -> bool:
+    return (
+        "/" in weights or "\\" in weights or weights.endswith((".pth", ".pt", ".bin"))
+    )
+
+
+def _pretrained_file(name: str, weights: str) -> Path:
+    if name.startswith(_LITE_PREFIX):
+        if weights not in (DEFAULT, "IMAGENET1K"):
+            raise BackboneError(
+                f"{name} has weights 'default' (ImageNet-1k), 'random' or a file "
+                f"path; got {weights!r}"
+            )
+        return efficientnet_lite.pretrained_weights_path(_lite_variant(name))
+    return torchvision_weights.weights_file(name, weights)
+
+
+def _architecture(name: str, input_size: int, num_classes: int | None) -> nn.Module:
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if name.startswith(_LITE_PREFIX):
+        return efficientnet_lite.EfficientNetLite(
+            _lite_variant(name), image_size=input_size, **kwargs
+        )
+    return get_model(name, weights=None, **kwargs)
+
+
+def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise WeightsNotFoundError(
+            f"weights file {file} not found; check backbone.weights in conf.toml"
+        )
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors all mean "not weights"
+        raise BackboneError(
+            f"{file} is not a PyTorch weights file ({type(err).__name__}: {err}). "
+            "Save weights with torch.save(model.state_dict(), path)."
+        ) from err
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise BackboneError(
+            f"{file} holds a {type(state).__name__}, not a state_dict of tensors. "
+            "Save weights with torch.save(model.state_dict(), path)."
+        )
+    # NOTE: checkpoints saved from DistributedDataParallel prefix every key.
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_checkpoint(
+    name: str, file: Path, input_size: int, num_classes: int | None
+) -> tuple[nn.Module, Path, str]:
+    state = _read_state_dict(file)
+    model = _architecture(name, input_size, None)
+    head = _head_name(model)
+    stored = state.get(f"{head}.weight")
+    if stored is not None and stored.shape[0] != _num_classes(model):
+        # A checkpoint fine-tuned to k classes: rebuild the head to fit it.
+        model = _architecture(name, input_size, int(stored.shape[0]))
+    _load_state(model, state, name, file)
+    if num_classes is not None and num_classes != _num_classes(model):
+        model = _with_new_head(model, name, input_size, num_classes)
+    return model, file.resolve(), sha256_of(file)
+
+
+def _load_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor], name: str, file: Path
+) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise BackboneError(
+            f"{file} does not fit backbone {name!r}: "
+            + _key_report(missing, unexpected, wrong)
+            + ". Hint: check that backbone.name is the architecture the file was "
+            "saved from."
+        )
+    model.load_state_dict(state)
+
+
+def _key_report(missing: list[str], unexpected: list[str], wrong: list[str]) -> str:
+    parts = []
+    for label, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("wrong shape", wrong),
+    ):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            parts.append(f"{len(keys)} {label} key(s) {keys[:3]}{more}")
+    return "; ".join(parts)
+
+
+def _head_name(model: nn.Module) -> str:
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise BackboneError(f"{type(model).__name__} has no linear classifier")
+    return linears[-1]
+
+
+def _num_classes(model: nn.Module) -> int:
+    head = dict(model.named_modules())[_head_name(model)]
+    return int(head.out_features)
+
+
+def _with_new_head(
+    model: nn.Module, name: str, input_size: int, num_classes: int
+) -> nn.Module:
+    """Copy every weight but the classifier's into a model with a new head."""
+    fresh = _architecture(name, input_size, num_classes)
+    head = _head_name(fresh)
+    body = {k: v for k, v in model.state_dict().items() if not k.startswith(head + ".")}
+    fresh.load_state_dict(body, strict=False)
+    return fresh
+
+
+def sha256_of(file: Path) -> str:
+    """sha256 of a file's bytes, remembered per (path, size, mtime)."""
+    stat = file.stat()
+    return _sha256(str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,406 @@
+"""Finding labelled images, checking them, and splitting them.
+
+Three layouts are read:
+
+- class folders: `root/<class>/<image>`;
+- split folders: `root/{train,val,test}/<class>/<image>` (any of val/test may be
+  missing: they are then carved out of train);
+- a CSV manifest: columns `path,label[,split]`, paths relative to the CSV file.
+
+Every file is probed (header only) before any compute: files that are not
+images, empty, unreadable or decompression bombs are skipped and reported, and
+layout problems (no images, an empty class, a class too small for the split)
+fail at once with a message saying what to do.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from features.errors import DataError, ImageDecodeError, StageInputError
+from features.images import DEFAULT_MAX_PIXELS, probe_image
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One labelled image: a path relative to the data root, a label, a split."""
+
+    path: str
+    label: int
+    split: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file that is not used, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """The checked, split list of images a run works on.
+
+    Records are sorted by path, so the order (and every row index derived
+    from it) does not depend on the order the file system lists files in.
+    """
+
+    root: Path
+    records: tuple[ImageRecord, ...]
+    label_names: tuple[str, ...]
+    skipped: tuple[Skipped, ...]
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def absolute(self, record: ImageRecord) -> Path:
+        return self.base / record.path
+
+    @property
+    def base(self) -> Path:
+        """The folder record paths are relative to (the CSV's folder for a manifest)."""
+        return self.root.parent if self.root.is_file() else self.root
+
+    def counts(self) -> dict[str, Counter[str]]:
+        """Images per class name, per split."""
+        out: dict[str, Counter[str]] = {s: Counter() for s in SPLITS}
+        for r in self.records:
+            out[r.split][self.label_names[r.label]] += 1
+        return out
+
+
+def discover(
+    root: Path,
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    fingerprint: str = "stat",
+    workers: int = 8,
+) -> ImageSet:
+    """List, probe and split the labelled images under `root`.
+
+    Args:
+        root: a folder (class folders, or split folders) or a CSV manifest.
+        val_fraction: share of each class's training images moved to `val` when
+            the data has no validation split.
+        test_fraction: likewise for `test`.
+        seed: seeds the split.
+        max_pixels: images with more pixels are refused as decompression bombs.
+        fingerprint: "stat" (path, size, mtime) or "content" (sha256 of bytes).
+        workers: threads probing image headers.
+
+    Raises:
+        StageInputError: `root` does not exist.
+        DataError: no images, an empty class, a class too small for the split,
+            or a malformed manifest.
+    """
+    root = Path(root).resolve()
+    if not root.exists():
+        raise StageInputError(
+            f"data.root {root} not found. Point data.root in conf.toml at a folder "
+            "of class subfolders or a CSV manifest, or make a demo set with "
+            "`quadrant demo-data digits DIR`."
+        )
+    listed, skipped = _read_manifest(root) if root.is_file() else _scan_folders(root)
+    base = root.parent if root.is_file() else root
+    listed, more = _probe_all(base, listed, max_pixels, workers)
+    skipped += more
+    label_names = _label_names(listed, root)
+    records = _split(listed, label_names, val_fraction, test_fraction, seed, root)
+    records.sort(key=lambda r: r.path)
+    skipped.sort(key=lambda s: s.path)
+    digest = _fingerprint(base, records, label_names, skipped, fingerprint)
+    for s in skipped:
+        log.warning("skipped %s: %s", s.path, s.reason)
+    return ImageSet(root, tuple(records), label_names, tuple(skipped), digest)
+
+
+# A listed file before splitting: (relative path, class name, split or None).
+_Listed = tuple[str, str, str | None]
+
+
+def _scan_folders(root: Path) -> tuple[list[_Listed], list[Skipped]]:
+    subdirs = _visible_dirs(root)
+    split_dirs = {
+        _SPLIT_ALIASES[d.name.lower()]: d
+        for d in subdirs
+        if d.name.lower() in _SPLIT_ALIASES
+    }
+    if split_dirs:
+        if "train" not in split_dirs:
+            raise DataError(
+                f"{root} has split folders {sorted(split_dirs)} but no train/; "
+                "add a train/ folder of class folders"
+            )
+        others = [d.name for d in subdirs if d.name.lower() not in _SPLIT_ALIASES]
+        if others:
+            raise DataError(
+                f"{root} mixes split folders with other folders {others}; keep "
+                "only train/, val/, test/ at the top (each holding class folders)"
+            )
+    listed: list[_Listed] = []
+    skipped: list[Skipped] = []
+    folders: list[tuple[str | None, Path]] = [(None, root)]
+    if split_dirs:
+        folders = list(sorted(split_dirs.items()))
+    for split, folder in folders:
+        _scan_classes(root, folder, split, listed, skipped)
+    return listed, skipped
+
+
+def _scan_classes(
+    root: Path,
+    folder: Path,
+    split: str | None,
+    listed: list[_Listed],
+    skipped: list[Skipped],
+) -> None:
+    classes = _visible_dirs(folder)
+    loose = _visible_files(folder)
+    if not classes:
+        hint = " (it holds files but no class folders)" if loose else ""
+        raise DataError(
+            f"{folder} has no class folders{hint}. Put each class's images in a "
+            "subfolder named after the class, e.g. data/cats/1.jpg"
+        )
+    for file in loose:
+        skipped.append(Skipped(_rel(root, file), "not inside a class folder"))
+    for class_dir in classes:
+        files = sorted(_walk_files(class_dir))
+        if not files:
+            where = f"{split}/" if split else ""
+            raise DataError(
+                f"class {class_dir.name!r} has no images ({where}{class_dir.name} "
+                f"in {root}); add images or remove the folder"
+            )
+        listed.extend((_rel(root, f), class_dir.name, split) for f in files)
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+    )
+
+
+def _walk_files(folder: Path) -> Iterable[Path]:
+    # NOTE: dot files (.DS_Store, editor swap files) are never images; nested
+    # folders inside a class folder belong to the class.
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def _rel(root: Path, file: Path) -> str:
+    return file.relative_to(root).as_posix()
+
+
+def _read_manifest(csv_path: Path) -> tuple[list[_Listed], list[Skipped]]:
+    if csv_path.suffix.lower() != ".csv":
+        raise DataError(
+            f"data.root {csv_path} is a file but not a .csv manifest; point it at "
+            "a folder of class folders or a CSV with columns path,label[,split]"
+        )
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip().lower() for c in reader.fieldnames or []]
+        if "path" not in columns or "label" not in columns:
+            raise DataError(
+                f"{csv_path} needs a header row with columns path,label[,split]; "
+                f"found {reader.fieldnames}"
+            )
+        rows = [
+            {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+            for row in reader
+        ]
+    listed: list[_Listed] = []
+    for line, row in enumerate(rows, start=2):
+        listed.append(_manifest_row(csv_path, line, row))
+    if not listed:
+        raise DataError(f"{csv_path} lists no images")
+    return listed, []
+
+
+def _manifest_row(csv_path: Path, line: int, row: dict[str, str]) -> _Listed:
+    if not row.get("path") or not row.get("label"):
+        raise DataError(f"{csv_path} line {line}: path and label must not be empty")
+    split = row.get("split") or None
+    if split is not None:
+        if split.lower() not in _SPLIT_ALIASES:
+            raise DataError(
+                f"{csv_path} line {line}: split {split!r} is not one of "
+                f"{list(SPLITS)} (or empty to split automatically)"
+            )
+        split = _SPLIT_ALIASES[split.lower()]
+    path = Path(row["path"])
+    rel = path.as_posix() if not path.is_absolute() else str(path)
+    return rel, row["label"], split
+
+
+def _probe_all(
+    base: Path, listed: list[_Listed], max_pixels: int, workers: int
+) -> tuple[list[_Listed], list[Skipped]]:
+    def probe(item: _Listed) -> str | None:
+        try:
+            probe_image(base / item[0], max_pixels=max_pixels)
+        except ImageDecodeError as err:
+            return str(err).removeprefix(f"{base / item[0]}: ")
+        return None
+
+    # Header reads are I/O bound: threads overlap them.
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        reasons = list(pool.map(probe, listed))
+    good = [
+        item for item, reason in zip(listed, reasons, strict=True) if reason is None
+    ]
+    bad = [
+        Skipped(item[0], reason)
+        for item, reason in zip(listed, reasons, strict=True)
+        if reason is not None
+    ]
+    return good, bad
+
+
+def _label_names(listed: Sequence[_Listed], root: Path) -> tuple[str, ...]:
+    if not listed:
+        raise DataError(
+            f"no readable images under {root}; see the skipped files above for why"
+        )
+    names = sorted({item[1] for item in listed})
+    if len(names) == 1:
+        log.warning("only one class (%r) under %s", names[0], root)
+    return tuple(names)
+
+
+def _split(
+    listed: Sequence[_Listed],
+    label_names: tuple[str, ...],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    root: Path,
+) -> list[ImageRecord]:
+    index = {name: i for i, name in enumerate(label_names)}
+    given = {item[2] for item in listed if item[2] is not None}
+    carve = {"val": val_fraction, "test": test_fraction}
+    carve = {s: f for s, f in carve.items() if s not in given and f > 0}
+    by_class: dict[str, list[_Listed]] = defaultdict(list)
+    records = []
+    for item in listed:
+        if item[2] in (None, "train"):
+            by_class[item[1]].append(item)
+        else:
+            records.append(ImageRecord(item[0], index[item[1]], str(item[2])))
+    _check_classes_have_training_images(listed, label_names, by_class, root)
+    for name, items in sorted(by_class.items()):
+        records.extend(_split_class(items, index[name], carve, seed, root))
+    return records
+
+
+def _check_classes_have_training_images(
+    listed: Sequence[_Listed],
+    label_names: tuple[str, ...],
+    by_class: dict[str, list[_Listed]],
+    root: Path,
+) -> None:
+    for name in label_names:
+        if name not in by_class:
+            splits = sorted({str(i[2]) for i in listed if i[1] == name})
+            raise DataError(
+                f"class {name!r} has {'/'.join(splits)} images but no training "
+                f"images in {root}; add training images for it or remove it"
+            )
+
+
+def _split_class(
+    items: list[_Listed],
+    label: int,
+    carve: dict[str, float],
+    seed: int,
+    root: Path,
+) -> list[ImageRecord]:
+    """Carve val/test out of one class's training images with a seeded shuffle."""
+    name = items[0][1]
+    needed = 1 + len(carve)
+    if len(items) < needed:
+        raise DataError(
+            f"class {name!r} has {len(items)} usable image(s) in {root}, too few "
+            f"to split into train/{'/'.join(carve)} (needs >= {needed}); add "
+            "images, or set data.val_fraction / data.test_fraction to 0"
+        )
+    items = sorted(items)
+    # A per-class seed makes each class's split independent of the other classes.
+    class_seed = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8])
+    order = np.random.default_rng(class_seed).permutation(len(items))
+    records, start = [], 0
+    for done, (split, fraction) in enumerate(carve.items()):
+        later = len(carve) - done - 1  # each later split and train keep >= 1 image
+        count = max(1, round(fraction * len(items)))
+        count = min(count, len(items) - start - later - 1)
+        for i in order[start : start + count]:
+            records.append(ImageRecord(items[i][0], label, split))
+        start += count
+    records.extend(ImageRecord(items[i][0], label, "train") for i in order[start:])
+    return records
+
+
+def _fingerprint(
+    base: Path,
+    records: Sequence[ImageRecord],
+    label_names: Sequence[str],
+    skipped: Sequence[Skipped],
+    how: str,
+) -> str:
+    """A digest that changes when any image is added, removed or modified."""
+    digest = hashlib.sha256(f"{how}\n".encode())
+    entries = [(r.path, label_names[r.label], r.split) for r in records]
+    entries += [(s.path, "<skipped>", "") for s in skipped]
+    for path, label, split in sorted(entries):
+        digest.update(
+            f"{path}\t{label}\t{split}\t{_file_id(base / path, how)}\n".encode()
+        )
+    return digest.hexdigest()
+
+
+def _file_id(file: Path, how: str) -> str:
+    try:
+        if how == "content":
+            return hashlib.sha256(file.read_bytes()).hexdigest()
+        stat = file.stat()
+    except OSError as err:
+        return f"unreadable:{err.errno}"
+    return f"{stat.st_size}:{stat.st_mtime_ns}"

@@ -1,0 +1,538 @@
+"""The batched forward pass that turns images into cached CNN codes.
+
+`extract_codes` runs a frozen backbone once over an `ImageSet` and writes every
+requested layer, pooled every requested way, into one HDF5 cache (see
+`features.cache`). The cache is addressed by a key over everything that
+determines the codes, so a second call with the same inputs runs no forward
+pass, and a killed call resumes from its last committed shard.
+
+Determinism: batches are formed from the global row order and shards hold a
+whole number of batches, so a resumed run feeds the network exactly the
+batches an uninterrupted run would have, and writes the same values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import numpy.typing as npt
+import torch
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from features.backbones import Backbone
+from features.cache import (
+    FORMAT_VERSION,
+    CodeSpec,
+    ImageTable,
+    ShardStore,
+    assemble,
+    cache_key,
+    open_cache,
+)
+from features.data import ImageSet
+from features.errors import CacheMismatchError, ConfigError, ImageDecodeError
+from features.images import DEFAULT_MAX_PIXELS, decode_image
+from features.layers import (
+    build_feature_extractor,
+    parse_pooling,
+    pool,
+    pooled_name,
+    resolve_layers,
+)
+from features.transforms import (
+    VIEW_CROP_SCALE,
+    Normalize,
+    Preprocessing,
+    eval_transform,
+    view_transform,
+)
+
+log = logging.getLogger(__name__)
+
+_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How the forward pass runs and how codes are stored.
+
+    Attributes mirror the `[extract]` table of conf.toml; `seed` seeds the
+    augmented views, `background` and `max_pixels` the image decoding.
+    """
+
+    batch_size: int = 64
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    num_workers: int = -1
+    dtype: str = "float32"
+    compression: str = "none"
+    views: int = 1
+    shard_size: int = 1024
+    seed: int = 0
+    background: tuple[int, ...] = (255, 255, 255)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """What `extract_codes` produced."""
+
+    path: Path
+    key: str
+    reused: bool
+    n_images: int
+    n_rows: int
+    specs: tuple[CodeSpec, ...]
+    skipped: tuple[tuple[str, str], ...]
+    seconds: float
+    computed_rows: int
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed_rows / self.seconds if self.seconds > 0 else 0.0
+
+
+def resolve_device(spec: str) -> torch.device:
+    """ "auto" picks CUDA, then Apple MPS, then the CPU.
+
+    Raises:
+        ConfigError: a device was named that this machine does not have.
+    """
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"extract.device = {spec!r} but no CUDA device is visible; use "
+            "'auto' or 'cpu'"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"extract.device = {spec!r} but only {torch.cuda.device_count()} CUDA "
+            "device(s) are visible"
+        )
+    return device
+
+
+def resolve_precision(spec: str, device: torch.device) -> str:
+    """ "auto" is bf16 on GPUs that have it, fp16 on other GPUs, fp32 elsewhere."""
+    if spec != "auto":
+        return spec
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def default_workers(device: torch.device) -> int:
+    """Data loader processes: enough to feed a GPU, few enough not to starve a CPU."""
+    cpus = (
+        len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else (os.cpu_count() or 1)
+    )
+    if device.type == "cuda":
+        return max(1, min(8, cpus - 1))
+    # NOTE: on the CPU the network and the decoders share the cores; one
+    # helper process overlaps decoding with compute (measured in
+    # benchmarks/extract.py), more only steal cores from the network.
+    return 1 if cpus > 1 else 0
+
+
+class CodeModel(nn.Module):
+    """uint8 images in, one pooled code array per (layer, pooling) out.
+
+    Normalisation runs inside the model, so the same module serves extraction
+    and ONNX export.
+    """
+
+    def __init__(
+        self, backbone: Backbone, layers: Sequence[str], pooling: Sequence[str]
+    ) -> None:
+        super().__init__()
+        prep = backbone.preprocessing
+        self.preprocessing = prep
+        self.identity = backbone.identity()
+        self.normalize = Normalize(prep.mean, prep.std)
+        nodes = resolve_layers(backbone.model, layers)
+        self.features = build_feature_extractor(backbone.model, nodes)
+        self.poolings = [parse_pooling(p) for p in pooling]
+        self.specs = self._specs(nodes, prep.input_size)
+
+    @torch.no_grad()
+    def _specs(self, nodes: Mapping[str, str], input_size: int) -> tuple[CodeSpec, ...]:
+        probe = torch.zeros(1, 3, input_size, input_size, dtype=torch.uint8)
+        outputs = self.features(self.normalize(probe))
+        specs: list[CodeSpec] = []
+        for layer in nodes:
+            shape = tuple(outputs[layer].shape[1:])
+            for p in self.poolings:
+                dims = int(pool(outputs[layer], p).shape[1])
+                spec = CodeSpec(
+                    layer, nodes[layer], pooled_name((1, *shape), p), dims, shape
+                )
+                if spec not in specs:  # flat layers give the same "none" code
+                    specs.append(spec)
+        return tuple(specs)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = self.features(self.normalize(images))
+        codes = {}
+        for spec in self.specs:
+            tensor = outputs[spec.layer].float()
+            pooling = next(
+                (p for p in self.poolings if p.spec == spec.pooling), self.poolings[0]
+            )
+            codes[spec.name] = pool(tensor, pooling)
+        return codes
+
+
+class _RowDataset(Dataset[tuple[int, torch.Tensor, bool, str]]):
+    """Row i -> (i, uint8 image tensor, decoded?, failure reason)."""
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        table: ImageTable,
+        prep: Preprocessing,
+        options: ExtractOptions,
+    ) -> None:
+        self.files = files
+        self.row_image = table.row_image
+        self.row_view = table.row_view
+        self.eval_transform = eval_transform(prep)
+        self.view_transform = view_transform(prep)
+        self.size = prep.input_size
+        self.options = options
+
+    def __len__(self) -> int:
+        return len(self.row_image)
+
+    def __getitem__(self, row: int) -> tuple[int, torch.Tensor, bool, str]:
+        file = self.files[int(self.row_image[row])]
+        try:
+            image = decode_image(
+                file,
+                max_pixels=self.options.max_pixels,
+                background=tuple(self.options.background),  # type: ignore[arg-type]
+            )
+        except ImageDecodeError as err:
+            blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+            return row, blank, False, str(err).removeprefix(f"{file}: ")
+        view = int(self.row_view[row])
+        if view == 0:
+            return row, self.eval_transform(image), True, ""
+        # NOTE: the view's randomness comes from (seed, row) alone, so it is the
+        # same in any worker, in any order, and after a resume.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_row_seed(self.options.seed, row))
+            return row, self.view_transform(image), True, ""
+
+
+def _row_seed(seed: int, row: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{row}".encode()).digest()[:7])
+
+
+def image_table(images: ImageSet, views: int) -> ImageTable:
+    """Rows: every image's view 0, then views 1..V-1 of the training images."""
+    n = len(images)
+    train = np.array(
+        [i for i, r in enumerate(images.records) if r.split == "train"], dtype=np.int64
+    )
+    extra_image = np.tile(train, views - 1)
+    extra_view = np.repeat(np.arange(1, views, dtype=np.int16), len(train))
+    return ImageTable(
+        paths=[r.path for r in images.records],
+        labels=np.array([r.label for r in images.records], dtype=np.int64),
+        splits=[r.split for r in images.records],
+        row_image=np.concatenate([np.arange(n, dtype=np.int64), extra_image]),
+        row_view=np.concatenate([np.zeros(n, dtype=np.int16), extra_view]),
+    )
+
+
+def extract_codes(
+    images: ImageSet,
+    model: CodeModel,
+    *,
+    options: ExtractOptions,
+    cache_dir: Path,
+) -> ExtractResult:
+    """Compute (or find) the cached codes of `images`.
+
+    Args:
+        images: the checked, split images.
+        model: the frozen backbone cut at the requested layers, with pooling
+            (build it first: an unknown layer fails there, before any image
+            is read).
+        options: forward-pass and storage options.
+        cache_dir: folder of cache files, one per key.
+
+    Returns:
+        The cache file and what was done; `reused` is True when no forward pass
+        ran.
+
+    Raises:
+        CacheLockedError: another process is extracting the same codes.
+    """
+    start = time.perf_counter()
+    device = resolve_device(options.device)
+    precision = resolve_precision(options.precision, device)
+    table = image_table(images, options.views)
+    provenance = _provenance(images, model, options, device, precision)
+    key = cache_key(provenance)
+    final = Path(cache_dir) / f"codes-{key[:16]}.h5"
+    if final.exists():
+        return _reuse(final, key, start)
+    shard_rows = options.batch_size * max(
+        1, round(options.shard_size / options.batch_size)
+    )
+    store = ShardStore(
+        final.with_suffix(".parts"),
+        key=key,
+        n_rows=len(table.row_image),
+        shard_rows=shard_rows,
+        specs=model.specs,
+        dtype=options.dtype,
+    )
+    with store:
+        todo = sorted(set(range(store.n_shards)) - set(store.committed()))
+        computed = sum(len(store.rows(s)) for s in todo)
+        if todo:
+            _forward(model, images, table, store, todo, options, device, precision)
+        assemble(
+            store,
+            final,
+            table=table,
+            label_names=images.label_names,
+            skipped=[(s.path, s.reason) for s in images.skipped],
+            provenance=provenance,
+            environment=_environment(device),
+            data_root=str(images.root),
+            compression=options.compression,
+        )
+    return _result(final, key, reused=False, start=start, computed=computed)
+
+
+def _reuse(final: Path, key: str, start: float) -> ExtractResult:
+    with open_cache(final) as h5:
+        if h5.attrs["key"] != key:
+            raise CacheMismatchError(
+                f"{final} holds codes for key {h5.attrs['key']}, not {key}; delete it"
+            )
+    log.info("codes are cached in %s (key %s): no forward pass", final, key[:16])
+    return _result(final, key, reused=True, start=start, computed=0)
+
+
+def _result(
+    final: Path, key: str, *, reused: bool, start: float, computed: int
+) -> ExtractResult:
+    with open_cache(final) as h5:
+        specs = []
+        for layer in h5["codes"]:
+            for pooling, ds in h5["codes"][layer].items():
+                specs.append(
+                    CodeSpec(
+                        str(ds.attrs["layer"]),
+                        str(ds.attrs["node"]),
+                        pooling,
+                        int(ds.shape[1]),
+                        tuple(int(v) for v in ds.attrs["source_shape"]),
+                    )
+                )
+        skipped = tuple(
+            zip(
+                h5["skipped/path"].asstr()[:],
+                h5["skipped/reason"].asstr()[:],
+                strict=True,
+            )
+        )
+        n_images, n_rows = int(h5.attrs["n_images"]), int(h5.attrs["n_rows"])
+    return ExtractResult(
+        final,
+        key,
+        reused,
+        n_images,
+        n_rows,
+        tuple(specs),
+        skipped,
+        time.perf_counter() - start,
+        computed,
+    )
+
+
+def _forward(
+    model: CodeModel,
+    images: ImageSet,
+    table: ImageTable,
+    store: ShardStore,
+    todo: Sequence[int],
+    options: ExtractOptions,
+    device: torch.device,
+    precision: str,
+) -> None:
+    files = [images.absolute(r) for r in images.records]
+    rows = [row for shard in todo for row in store.rows(shard)]
+    workers = (
+        options.num_workers if options.num_workers >= 0 else default_workers(device)
+    )
+    loader = DataLoader(
+        Subset(_RowDataset(files, table, model.preprocessing, options), rows),
+        batch_size=options.batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+    model = model.to(device).eval()
+    memory_format = torch.channels_last if _use_channels_last(options, device) else None
+    if memory_format is not None:
+        model = model.to(memory_format=memory_format)
+    amp = _PRECISIONS[precision]
+    shards = _ShardBuffer(store)
+    total = len(table.row_image)
+    with tqdm(
+        total=total,
+        initial=total - len(rows),
+        unit="img",
+        desc="extract",
+        disable=not options.progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        mininterval=1.0 if sys.stderr.isatty() else 30.0,
+    ) as bar:
+        for batch_rows, pixels, ok, reasons in loader:
+            pixels = pixels.to(device, non_blocking=True)
+            if memory_format is not None:
+                pixels = pixels.contiguous(memory_format=memory_format)
+            with (
+                torch.inference_mode(),
+                torch.autocast(
+                    device.type, dtype=amp or torch.float32, enabled=amp is not None
+                ),
+            ):
+                codes = model(pixels)
+            host = {name: c.float().cpu().numpy() for name, c in codes.items()}
+            shards.add(batch_rows.numpy(), host, ok.numpy(), list(reasons))
+            bar.update(len(batch_rows))
+
+
+def _use_channels_last(options: ExtractOptions, device: torch.device) -> bool:
+    # channels_last pays off with tensor cores; on the CPU it mostly adds copies.
+    return options.channels_last and device.type == "cuda"
+
+
+class _ShardBuffer:
+    """Collects consecutive batches and commits each shard when it is full."""
+
+    def __init__(self, store: ShardStore) -> None:
+        self.store = store
+        self.shard = -1
+        self.filled = 0
+        self.codes: dict[str, npt.NDArray[np.float32]] = {}
+        self.ok = np.zeros(0, dtype=bool)
+        self.reasons: list[str] = []
+
+    def add(
+        self,
+        rows: npt.NDArray[np.int64],
+        codes: Mapping[str, npt.NDArray[np.float32]],
+        ok: npt.NDArray[np.bool_],
+        reasons: Sequence[str],
+    ) -> None:
+        shard = int(rows[0]) // self.store.shard_rows
+        if shard != self.shard:
+            self._start(shard)
+        offset = int(rows[0]) - self.store.rows(shard).start
+        for name, array in codes.items():
+            self.codes[name][offset : offset + len(rows)] = array
+        self.ok[offset : offset + len(rows)] = ok
+        self.reasons[offset : offset + len(rows)] = reasons
+        self.filled += len(rows)
+        if self.filled == len(self.store.rows(shard)):
+            self.store.write(shard, self.codes, self.ok, self.reasons)
+
+    def _start(self, shard: int) -> None:
+        n = len(self.store.rows(shard))
+        self.shard, self.filled = shard, 0
+        self.codes = {
+            s.name: np.zeros((n, s.dims), dtype=np.float32) for s in self.store.specs
+        }
+        self.ok = np.zeros(n, dtype=bool)
+        self.reasons = [""] * n
+
+
+def _provenance(
+    images: ImageSet,
+    model: CodeModel,
+    options: ExtractOptions,
+    device: torch.device,
+    precision: str,
+) -> dict[str, Any]:
+    """Everything that determines the codes' values: the cache key's input."""
+    views: dict[str, Any] = {"count": options.views}
+    if options.views > 1:
+        views.update(seed=options.seed, crop_scale=list(VIEW_CROP_SCALE))
+    return {
+        "format_version": FORMAT_VERSION,
+        "backbone": model.identity,
+        "preprocessing": model.preprocessing.as_dict(),
+        "codes": [[s.layer, s.node, s.pooling] for s in model.specs],
+        "views": views,
+        "dtype": options.dtype,
+        "batch_size": options.batch_size,
+        "compute": {
+            "device": device.type,
+            "precision": precision,
+            "channels_last": _use_channels_last(options, device),
+        },
+        "decode": {"background": list(options.background)},
+        "images": {
+            "fingerprint": images.fingerprint,
+            "count": len(images),
+            "labels": list(images.label_names),
+        },
+    }
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    """Recorded with the codes but not part of the key: what ran them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        quadrant = version("quadrant")
+    except PackageNotFoundError:
+        quadrant = "unknown"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor()
+    )
+    return {
+        "quadrant": quadrant,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "h5py": h5py.__version__,
+        "numpy": np.__version__,
+        "device": str(device),
+        "device_name": name or platform.machine(),
+        "host": platform.node(),
+    }

@@ -1,0 +1,174 @@
+"""`quadrant <command>`: parse arguments, build the config, call a stage.
+
+Exit status: 0 on success, 1 on an error quadrant raised on purpose (its
+message, no traceback), 130 when interrupted; any other exception keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from features.errors import ConfigError, PipelineError
+from pipeline import commands
+from pipeline.config import Config, load_config
+from pipeline.logs import setup_console
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path("conf.toml")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `quadrant` argument parser with one sub-command per stage."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
+        help="conf.toml to read (default: ./conf.toml)",
+    )
+    common.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (TOML syntax, repeatable), e.g. "
+        "--set extract.batch_size=128",
+    )
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug messages"
+    )
+    common.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+
+    parser = argparse.ArgumentParser(
+        prog="quadrant",
+        description="Transfer learning on images: CNN codes + scikit-learn, or "
+        "fine-tuning, chosen by the size and similarity of your data.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "extract", parents=[common], help="cache CNN codes of the images"
+    )
+    p.set_defaults(handler=_extract)
+
+    p = sub.add_parser("layers", parents=[common], help="list a backbone's layer names")
+    p.add_argument("backbone", nargs="?", help="backbone name (default: the config's)")
+    p.add_argument(
+        "--all", action="store_true", help="every graph node, not just modules"
+    )
+    p.add_argument(
+        "--list", action="store_true", help="list the backbone names instead"
+    )
+    p.set_defaults(handler=_layers)
+
+    p = sub.add_parser("cache", parents=[common], help="inspect or check a code cache")
+    p.add_argument("action", choices=["info", "verify"])
+    p.add_argument("file", type=Path, help="a codes-*.h5 file")
+    p.set_defaults(handler=_cache)
+
+    p = sub.add_parser(
+        "demo-data", parents=[common], help="write a demo data set as PNGs"
+    )
+    p.add_argument("name", help="digits or fashion-mnist")
+    p.add_argument("dir", type=Path, help="folder to create")
+    p.add_argument("--classes", nargs="+", help="fashion-mnist: class names or indices")
+    p.add_argument("--per-class", type=int, help="fashion-mnist: images per class")
+    p.add_argument(
+        "--split",
+        default="both",
+        choices=["both", "train", "test"],
+        help="fashion-mnist: which official split(s) to write",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    p.set_defaults(handler=_demo_data)
+
+    p = sub.add_parser(
+        "demo", parents=[common], help="run the main job on the embedded digits data"
+    )
+    p.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `quadrant` command."""
+    args = build_parser().parse_args(argv)
+    setup_console("debug" if args.verbose else "warning" if args.quiet else "info")
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except PipelineError as err:
+        print(f"quadrant {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away: not an error of ours.
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print(
+            f"quadrant {args.command}: interrupted; run the same command again to "
+            "resume where it stopped",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _config(args: argparse.Namespace, *, required: bool = True) -> Config:
+    """The config from -c (or ./conf.toml) with --set overrides applied."""
+    path = args.config
+    if path is None:
+        if DEFAULT_CONFIG.is_file():
+            path = DEFAULT_CONFIG
+        elif required:
+            raise ConfigError(
+                f"no conf.toml in {Path.cwd()}; pass -c PATH, or start from the "
+                "conf.toml in the quadrant README"
+            )
+    cfg = load_config(path, args.overrides)
+    if not (args.verbose or args.quiet):
+        setup_console(cfg.run.log_level)
+    return cfg
+
+
+def _extract(args: argparse.Namespace) -> int:
+    return commands.extract(_config(args))
+
+
+def _layers(args: argparse.Namespace) -> int:
+    if args.list:
+        return commands.list_backbones()
+    cfg = _config(args, required=False)
+    return commands.layers(cfg, args.backbone, all_nodes=args.all)
+
+
+def _cache(args: argparse.Namespace) -> int:
+    if args.action == "info":
+        return commands.cache_info(args.file)
+    return commands.cache_verify(args.file)
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    return commands.demo_data(
+        args.name,
+        args.dir,
+        classes=args.classes,
+        per_class=args.per_class,
+        split=args.split,
+        overwrite=args.overwrite,
+    )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pipeline import demo
+
+    cfg = demo.demo_config(args.overrides)
+    if not (args.verbose or args.quiet):
+        setup_console(cfg.run.log_level)
+    return commands.demo(cfg)

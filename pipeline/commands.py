@@ -1,0 +1,167 @@
+"""What each command prints: stages run here and their results are shown.
+
+Stages return values and log; this module turns those values into the text a
+user reads on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from features import datasets
+from features.backbones import available_backbones, build_backbone
+from features.cache import read_info, verify
+from features.errors import CacheCorruptError
+from features.extractor import ExtractResult
+from features.layers import TOP, layer_names, layer_shapes, parse_pooling, resolve_top
+from pipeline import extract as extract_stage
+from pipeline.config import Config
+from pipeline.logs import run_log
+
+log = logging.getLogger(__name__)
+
+
+def extract(cfg: Config) -> int:
+    """`quadrant extract`."""
+    with run_log(cfg, "extract"):
+        result = extract_stage.run(cfg)
+    print(format_extract(result))
+    return 0
+
+
+def format_extract(result: ExtractResult) -> str:
+    """A short summary of an extraction: where, how much, how fast."""
+    if result.reused:
+        how = f"reused (no forward pass, {result.seconds:.1f} s)"
+    else:
+        how = (
+            f"computed {result.computed_rows} rows in {result.seconds:.1f} s "
+            f"({result.images_per_second:.1f} img/s)"
+        )
+    lines = [
+        f"codes: {result.path}",
+        f"  {how}",
+        f"  images: {result.n_images}, rows: {result.n_rows}, skipped: "
+        f"{len(result.skipped)}",
+    ]
+    lines += [
+        f"  {s.name:<28} {s.dims:>7} dims  (from {_shape(s.source_shape)})"
+        for s in result.specs
+    ]
+    if result.skipped:
+        lines.append("  skipped files:")
+        lines += [f"    {p}: {r}" for p, r in result.skipped[:20]]
+        if len(result.skipped) > 20:
+            lines.append(
+                f"    ... and {len(result.skipped) - 20} more (see extract.json)"
+            )
+    return "\n".join(lines)
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "x".join(str(v) for v in shape)
+
+
+def list_backbones() -> int:
+    """`quadrant layers --list`."""
+    print("\n".join(available_backbones()))
+    return 0
+
+
+def layers(cfg: Config, name: str | None, *, all_nodes: bool) -> int:
+    """`quadrant layers [BACKBONE]`: names, output shapes, code sizes."""
+    name = name or cfg.backbone.name
+    # Shapes do not depend on the weights: random weights keep this offline.
+    backbone = build_backbone(
+        name, "random", preprocessing={"input_size": cfg.backbone.input_size}
+    )
+    size = backbone.preprocessing.input_size
+    names = layer_names(backbone.model, all_nodes=all_nodes)
+    shapes = layer_shapes(backbone.model, names, size)
+    top = resolve_top(backbone.model)
+    poolings = [parse_pooling(p) for p in cfg.extract.pooling]
+    header = "  ".join(f"{p.spec:>8}" for p in poolings)
+    print(f"{name} at {size}x{size} (codes per pooling of [extract] pooling)")
+    print(f"  {'layer':<32} {'output':>14}  {header}")
+    for layer in names:
+        shape = shapes[layer]
+        dims = "  ".join(
+            f"{(shape[0] if len(shape) == 1 else p.dims(shape[0])):>8}"
+            for p in poolings
+        )
+        mark = f"  <- {TOP}" if layer == top else ""
+        print(f"  {layer:<32} {_shape(shape):>14}  {dims}{mark}")
+    print(f'"{TOP}" is {top}, the input of the classifier.')
+    return 0
+
+
+def cache_info(path: Path) -> int:
+    """`quadrant cache info FILE`."""
+    info = read_info(path)
+    prov = info.provenance
+    print(f"{info.path} ({info.size_bytes / 2**20:.1f} MiB, created {info.created})")
+    print(f"  key: {info.key}")
+    print(
+        f"  backbone: {prov['backbone']['name']} weights={prov['backbone']['weights']} "
+        f"sha256={prov['backbone']['weights_sha256'][:16]}"
+    )
+    print(f"  preprocessing: {json.dumps(prov['preprocessing'])}")
+    print(
+        f"  images: {info.n_images} ({json.dumps(info.split_counts)}), rows: "
+        f"{info.n_rows}, skipped: {info.n_skipped}, classes: {len(info.label_names)}"
+    )
+    print(f"  data root: {info.data_root}")
+    for name, shape in info.datasets.items():
+        print(f"  codes/{name}: {_shape(shape)} {info.dtype}")
+    env = info.environment
+    print(
+        f"  computed on {env.get('device')} ({env.get('device_name')}) with torch "
+        f"{env.get('torch')}, quadrant {env.get('quadrant')}"
+    )
+    return 0
+
+
+def cache_verify(path: Path) -> int:
+    """`quadrant cache verify FILE`: exit 1 with the problems if any."""
+    problems = verify(path)
+    if problems:
+        raise CacheCorruptError(
+            f"{path} failed verification:\n  "
+            + "\n  ".join(problems)
+            + "\nDelete the file and run `quadrant extract` again to rebuild it."
+        )
+    print(f"{path}: OK (structure and checksums verified)")
+    return 0
+
+
+def demo_data(
+    name: str,
+    out: Path,
+    *,
+    classes: Sequence[str] | None,
+    per_class: int | None,
+    split: str,
+    overwrite: bool,
+) -> int:
+    """`quadrant demo-data NAME DIR`."""
+    options: dict[str, object] = {"overwrite": overwrite}
+    if name == "fashion-mnist":
+        options.update(classes=classes, per_class=per_class, split=split)
+    path = datasets.write_dataset(name, out, **options)
+    count = sum(1 for p in path.rglob("*.png"))
+    print(f"wrote {count} images of {name} to {path}")
+    return 0
+
+
+def demo(cfg: Config) -> int:
+    """`quadrant demo`: the main job on the embedded digits data."""
+    from pipeline import demo as demo_stage
+
+    with run_log(cfg, "demo"):
+        result = demo_stage.run(cfg)
+    print(format_extract(result))
+    print(f"results are in {cfg.run.out} (summary: {cfg.run.out / 'extract.json'})")
+    return 0

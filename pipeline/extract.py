@@ -1,0 +1,118 @@
+"""The extraction stage: images in, cached CNN codes out."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from features.backbones import Backbone, build_backbone
+from features.cache import atomic_write_text
+from features.data import ImageSet, discover
+from features.extractor import CodeModel, ExtractOptions, ExtractResult, extract_codes
+from pipeline.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config) -> ExtractResult:
+    """Write (or reuse) the codes of every image under `cfg.data.root`.
+
+    The backbone and its layers are checked first, then the images are listed
+    and probed, and only then does the forward pass start, so a wrong layer
+    name or a bad data layout fails in seconds.
+
+    Raises:
+        StageInputError: data.root does not exist.
+        DataError: no usable images, an empty class, a class too small to split.
+        BackboneError: unknown weights or layer.
+    """
+    backbone = load_backbone(cfg)
+    model = CodeModel(backbone, cfg.extract.layers, cfg.extract.pooling)
+    images = load_images(cfg)
+    log.info(
+        "extracting %d images (%d classes) with %s at %dpx, layers %s",
+        len(images),
+        len(images.label_names),
+        backbone.name,
+        backbone.preprocessing.input_size,
+        list(cfg.extract.layers),
+    )
+    result = extract_codes(
+        images, model, options=extract_options(cfg), cache_dir=cfg.cache_dir
+    )
+    _write_summary(cfg, images, result)
+    for path, reason in result.skipped:
+        log.warning("skipped %s: %s", path, reason)
+    return result
+
+
+def load_backbone(cfg: Config) -> Backbone:
+    """The configured backbone with its preprocessing overrides applied."""
+    b = cfg.backbone
+    overrides = {
+        "input_size": b.input_size,
+        "resize_size": b.resize_size,
+        "mean": b.mean,
+        "std": b.std,
+        "interpolation": b.interpolation,
+    }
+    return build_backbone(b.name, b.weights, seed=cfg.run.seed, preprocessing=overrides)
+
+
+def load_images(cfg: Config) -> ImageSet:
+    """List, probe and split the configured images."""
+    d = cfg.data
+    return discover(
+        d.root,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+        seed=d.seed,
+        max_pixels=d.max_pixels,
+        fingerprint=d.fingerprint,
+    )
+
+
+def extract_options(cfg: Config) -> ExtractOptions:
+    """The `[extract]` table plus the decoding and seed settings it depends on."""
+    e = cfg.extract
+    return ExtractOptions(
+        batch_size=e.batch_size,
+        device=e.device,
+        precision=e.precision,
+        channels_last=e.channels_last,
+        num_workers=e.num_workers,
+        dtype=e.dtype,
+        compression=e.compression,
+        views=e.views,
+        shard_size=e.shard_size,
+        seed=cfg.run.seed,
+        background=cfg.data.background,
+        max_pixels=cfg.data.max_pixels,
+        progress=cfg.run.progress,
+    )
+
+
+def _write_summary(cfg: Config, images: ImageSet, result: ExtractResult) -> None:
+    summary = {
+        "cache": str(result.path),
+        "key": result.key,
+        "reused": result.reused,
+        "images": result.n_images,
+        "rows": result.n_rows,
+        "classes": list(images.label_names),
+        "splits": {s: sum(c.values()) for s, c in images.counts().items()},
+        "codes": {
+            s.name: {
+                "node": s.node,
+                "dims": s.dims,
+                "source_shape": list(s.source_shape),
+            }
+            for s in result.specs
+        },
+        "seconds": round(result.seconds, 3),
+        "images_per_second": round(result.images_per_second, 2),
+        "skipped": [{"path": p, "reason": r} for p, r in result.skipped],
+    }
+    atomic_write_text(
+        cfg.run.out / "extract.json", json.dumps(summary, indent=2) + "\n"
+    )

@@ -1,0 +1,62 @@
+"""Console and run-log logging.
+
+The console shows INFO and up (DEBUG with -v); every command that works on a
+configured run also appends everything to `<run.out>/quadrant.log` and keeps a
+copy of the resolved configuration beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from features.cache import atomic_write_text
+from pipeline.config import Config, config_to_dict, dump_toml
+
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_console(level: str = "info") -> None:
+    """Log to stderr at `level` (once per process)."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    for handler in list(root.handlers):
+        if getattr(handler, "_quadrant_console", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level.upper())
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler._quadrant_console = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    # Third-party chatter stays out of the console.
+    for noisy in ("matplotlib", "PIL", "h5py", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def run_log(cfg: Config, command: str) -> Iterator[Path]:
+    """Append this command's log to `<run.out>/quadrant.log`; save the config.
+
+    Yields:
+        The run folder.
+    """
+    out = cfg.run.out
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.toml", dump_toml(config_to_dict(cfg)))
+    handler = logging.FileHandler(out / "quadrant.log", encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    logging.getLogger(__name__).info("quadrant %s (config: %s)", command, cfg.source)
+    try:
+        yield out
+    except Exception as err:
+        logging.getLogger(__name__).error("%s failed: %s", command, err)
+        raise
+    finally:
+        root.removeHandler(handler)
+        handler.close()

@@ -1,0 +1,62 @@
+"""Shared fixtures: small real images, tiny configs, a CPU-only world."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import Config, load_config
+
+# A small random network keeps extraction tests to seconds: resnet18 at 32 px.
+TINY = [
+    "backbone.name=resnet18",
+    "backbone.weights=random",
+    "backbone.input_size=32",
+    "backbone.resize_size=32",
+    "extract.batch_size=4",
+    "extract.num_workers=0",
+    "run.progress=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _cpu_and_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every test sees a fresh torch hub cache, so none finds or downloads weights."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    torch.set_num_threads(1)
+
+
+def write_png(path: Path, seed: int, size: int = 32, mode: str = "RGB") -> Path:
+    """A random image file (deterministic in `seed`)."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    channels = {"RGB": 3, "L": 1}[mode]
+    pixels = rng.integers(0, 256, size=(size, size, channels), dtype=np.uint8)
+    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Two classes of ten random 32x32 PNGs each, as class folders."""
+    root = tmp_path / "images"
+    for c, name in enumerate(["cat", "dog"]):
+        for i in range(10):
+            write_png(root / name / f"{i:02d}.png", seed=100 * c + i)
+    return root
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., Config]:
+    """Build a tiny CPU config for `root`, with extra `--set` style overrides."""
+
+    def make(root: Path, *overrides: str) -> Config:
+        base = [f"data.root={str(root)!r}", f"run.out={str(tmp_path / 'run')!r}"]
+        return load_config(None, [*base, *TINY, *overrides], cwd=tmp_path)
+
+    return make

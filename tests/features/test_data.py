@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from features.data import discover
+from features.errors import DataError, StageInputError
+from tests.conftest import write_png
+
+
+def test_discover_class_folders_splits_each_class(image_folder: Path) -> None:
+    images = discover(image_folder, val_fraction=0.1, test_fraction=0.2, seed=0)
+    assert images.label_names == ("cat", "dog")
+    counts = images.counts()
+    assert dict(counts["train"]) == {"cat": 7, "dog": 7}
+    assert dict(counts["val"]) == {"cat": 1, "dog": 1}
+    assert dict(counts["test"]) == {"cat": 2, "dog": 2}
+    assert [r.path for r in images.records] == sorted(r.path for r in images.records)
+    assert images.skipped == ()
+
+
+def test_discover_split_is_seeded(image_folder: Path) -> None:
+    a = discover(image_folder, seed=0)
+    b = discover(image_folder, seed=0)
+    c = discover(image_folder, seed=1)
+    assert a.records == b.records
+    assert a.records != c.records
+
+
+def test_discover_split_folders_carve_missing_val_from_train(tmp_path: Path) -> None:
+    for split, n in (("train", 10), ("test", 3)):
+        for name in ("a", "b"):
+            for i in range(n):
+                write_png(tmp_path / split / name / f"{i}.png", seed=i)
+    images = discover(tmp_path, val_fraction=0.2, test_fraction=0.5, seed=0)
+    counts = images.counts()
+    assert dict(counts["test"]) == {"a": 3, "b": 3}  # given, not carved
+    assert dict(counts["val"]) == {"a": 2, "b": 2}
+    assert dict(counts["train"]) == {"a": 8, "b": 8}
+
+
+def test_discover_csv_manifest(tmp_path: Path) -> None:
+    for i in range(4):
+        write_png(tmp_path / "img" / f"{i}.png", seed=i)
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text(
+        "path,label,split\nimg/0.png,x,train\nimg/1.png,y,train\n"
+        "img/2.png,x,test\nimg/3.png,y,validation\n"
+    )
+    images = discover(manifest, val_fraction=0.5, test_fraction=0.5)
+    assert images.label_names == ("x", "y")
+    assert {(r.path, r.split) for r in images.records} == {
+        ("img/0.png", "train"),
+        ("img/1.png", "train"),
+        ("img/2.png", "test"),
+        ("img/3.png", "val"),
+    }
+    assert images.absolute(images.records[0]) == tmp_path / "img" / "0.png"
+
+
+def test_discover_reports_bad_files_and_keeps_going(image_folder: Path) -> None:
+    (image_folder / "cat" / "notes.txt").write_text("not an image")
+    (image_folder / "cat" / "empty.png").write_bytes(b"")
+    (image_folder / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (image_folder / "dog" / ".DS_Store").write_bytes(b"\x00\x01")
+    (image_folder / "stray.png").write_bytes(
+        (image_folder / "cat" / "00.png").read_bytes()
+    )
+    images = discover(image_folder, val_fraction=0, test_fraction=0)
+    reasons = {s.path: s.reason for s in images.skipped}
+    assert set(reasons) == {
+        "cat/notes.txt",
+        "cat/empty.png",
+        "dog/broken.jpg",
+        "stray.png",
+    }
+    assert "not an image" in reasons["cat/notes.txt"]
+    assert "empty" in reasons["cat/empty.png"]
+    assert reasons["stray.png"] == "not inside a class folder"
+    assert len(images) == 20
+
+
+def test_discover_refuses_decompression_bombs(image_folder: Path) -> None:
+    write_png(image_folder / "cat" / "big.png", seed=1, size=64)
+    images = discover(image_folder, max_pixels=32 * 32, val_fraction=0, test_fraction=0)
+    [skipped] = images.skipped
+    assert skipped.path == "cat/big.png"
+    assert "data.max_pixels" in skipped.reason
+
+
+BAD_LAYOUTS = [
+    ("missing", StageInputError, r"data.root .*missing not found.*quadrant demo-data"),
+    ("no-classes", DataError, r"has no class folders \(it holds files but no class"),
+    ("empty-class", DataError, r"class 'b' has no images .*add images or remove"),
+    (
+        "too-few",
+        DataError,
+        r"class 'a' has 2 usable image\(s\).*needs >= 3.*val_fraction",
+    ),
+    ("all-bad", DataError, r"no readable images under .*see the skipped files"),
+    ("test-only", DataError, r"class 'z' has test images but no training images"),
+    ("no-train", DataError, r"split folders \['test'\] but no train/"),
+    ("mixed", DataError, r"mixes split folders with other folders \['extra'\]"),
+]
+
+
+def _layout(root: Path, kind: str) -> Path:
+    if kind == "missing":
+        return root / "missing"
+    if kind == "no-classes":
+        write_png(root / "x.png", seed=0)
+    if kind == "empty-class":
+        write_png(root / "a" / "1.png", seed=0)
+        (root / "b").mkdir()
+    if kind == "too-few":
+        for i in range(2):
+            write_png(root / "a" / f"{i}.png", seed=i)
+    if kind == "all-bad":
+        (root / "a").mkdir()
+        (root / "a" / "1.png").write_bytes(b"nope")
+    if kind == "test-only":
+        for i in range(3):
+            write_png(root / "train" / "a" / f"{i}.png", seed=i)
+        write_png(root / "test" / "z" / "1.png", seed=9)
+    if kind == "no-train":
+        write_png(root / "test" / "a" / "1.png", seed=0)
+    if kind == "mixed":
+        write_png(root / "train" / "a" / "1.png", seed=0)
+        write_png(root / "extra" / "a" / "1.png", seed=0)
+    return root
+
+
+@pytest.mark.parametrize("kind, error, pattern", BAD_LAYOUTS)
+def test_discover_rejects_bad_layouts(
+    tmp_path: Path, kind: str, error: type[Exception], pattern: str
+) -> None:
+    with pytest.raises(error, match=pattern):
+        discover(_layout(tmp_path, kind), val_fraction=0.1, test_fraction=0.2)
+
+
+BAD_MANIFESTS = [
+    ("a,b\n1,2\n", r"needs a header row with columns path,label"),
+    ("path,label\n", r"lists no images"),
+    ("path,label,split\nx.png,a,holdout\n", r"line 2: split 'holdout' is not one of"),
+    ("path,label\n,a\n", r"line 2: path and label must not be empty"),
+]
+
+
+@pytest.mark.parametrize("text, pattern", BAD_MANIFESTS)
+def test_discover_rejects_bad_manifests(
+    tmp_path: Path, text: str, pattern: str
+) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(text)
+    with pytest.raises(DataError, match=pattern):
+        discover(manifest)
+
+
+def test_fingerprint_changes_when_any_image_changes(image_folder: Path) -> None:
+    def fp() -> str:
+        return discover(image_folder).fingerprint
+
+    base = fp()
+    assert fp() == base
+    target = image_folder / "cat" / "03.png"
+    stat = target.stat()
+    write_png(target, seed=999)
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    modified = fp()
+    assert modified != base
+    write_png(image_folder / "dog" / "new.png", seed=5)
+    added = fp()
+    assert added not in (base, modified)
+    (image_folder / "dog" / "new.png").unlink()
+    (image_folder / "dog" / "00.png").unlink()
+    assert fp() not in (base, modified, added)
+
+
+def test_content_fingerprint_ignores_mtime_but_not_bytes(image_folder: Path) -> None:
+    base = discover(image_folder, fingerprint="content").fingerprint
+    os.utime(image_folder / "cat" / "01.png", ns=(1, 1))
+    assert discover(image_folder, fingerprint="content").fingerprint == base
+    write_png(image_folder / "cat" / "01.png", seed=1234)
+    assert discover(image_folder, fingerprint="content").fingerprint != base

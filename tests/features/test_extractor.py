@@ -1,0 +1,281 @@
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from features import load_codes
+from features.cache import ShardStore, verify
+from features.errors import BackboneError
+from pipeline import extract
+from pipeline.config import Config
+from tests.conftest import TINY, write_png
+
+REPO = Path(__file__).resolve().parents[2]
+MakeConfig = Callable[..., Config]
+
+
+def codes_of(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as h5:
+        out: dict[str, np.ndarray] = {}
+        h5.visititems(
+            lambda n, o: (
+                out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None
+            )
+        )
+        return out
+
+
+def assert_same_codes(a: Path, b: Path) -> None:
+    ca, cb = codes_of(a), codes_of(b)
+    assert ca.keys() == cb.keys()
+    for name in ca:
+        np.testing.assert_array_equal(ca[name], cb[name], err_msg=name)
+
+
+def test_extract_writes_every_layer_and_pooling(
+    image_folder: Path, make_config: MakeConfig
+) -> None:
+    cfg = make_config(
+        image_folder,
+        'extract.layers=["top", "layer2"]',
+        'extract.pooling=["avg", "grid:2", "avg+max"]',
+    )
+    result = extract.run(cfg)
+    assert not result.reused and result.n_images == 20
+    dims = {s.name: s.dims for s in result.specs}
+    assert dims == {
+        "top/none": 512,
+        "layer2/avg": 128,
+        "layer2/grid:2": 512,
+        "layer2/avg+max": 256,
+    }
+    codes = load_codes(result.path, "layer2", "grid:2")
+    assert codes.X.shape == (20, 512) and codes.X.dtype == np.float32
+    assert codes.label_names == ("cat", "dog")
+    assert sorted(set(codes.split)) == ["test", "train", "val"]
+    assert verify(result.path) == []
+    assert (cfg.run.out / "extract.json").is_file()
+
+
+def test_extract_codes_match_a_plain_forward_pass(
+    image_folder: Path, make_config: MakeConfig
+) -> None:
+    import torch
+    from torchvision.models import resnet18
+
+    from features.images import decode_image
+
+    cfg = make_config(image_folder)
+    result = extract.run(cfg)
+    codes = load_codes(result.path, "top")
+    torch.manual_seed(cfg.run.seed)
+    model = resnet18().eval()
+    model.fc = torch.nn.Identity()
+    image = decode_image(image_folder / codes.paths[0])
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    with torch.no_grad():
+        expected = model(((x - mean) / std)[None])[0].numpy()
+    np.testing.assert_allclose(codes.X[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_extract_cache_hit_runs_no_forward_pass(
+    image_folder: Path, make_config: MakeConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_config(image_folder)
+    first = extract.run(cfg)
+
+    def no_forward(*args: object, **kwargs: object) -> None:
+        raise AssertionError("forward pass ran on a cache hit")
+
+    monkeypatch.setattr("features.extractor._forward", no_forward)
+    again = extract.run(cfg)
+    assert again.reused and again.path == first.path and again.computed_rows == 0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "backbone.input_size=40",
+        "backbone.mean=[0.5, 0.5, 0.5]",
+        "extract.layers=['top', 'layer3']",
+        "extract.pooling=['max']",
+        "extract.batch_size=2",
+        "extract.dtype='float16'",
+        "run.seed=1",  # random weights are seeded by run.seed
+        "data.seed=3",  # another split
+    ],
+)
+def test_extract_config_change_gives_new_key(
+    image_folder: Path, make_config: MakeConfig, change: str
+) -> None:
+    layers = "extract.layers=['top', 'layer2']"
+    base = extract.run(make_config(image_folder, layers))
+    changed = extract.run(make_config(image_folder, layers, change))
+    assert changed.key != base.key and not changed.reused
+    assert base.path.exists() and changed.path.exists()
+
+
+@pytest.mark.parametrize("edit", ["add", "remove", "modify"])
+def test_extract_image_change_gives_new_key(
+    image_folder: Path, make_config: MakeConfig, edit: str
+) -> None:
+    cfg = make_config(image_folder)
+    base = extract.run(cfg)
+    target = image_folder / "cat" / "04.png"
+    if edit == "add":
+        write_png(image_folder / "cat" / "new.png", seed=77)
+    elif edit == "remove":
+        target.unlink()
+    else:
+        stat = target.stat()
+        write_png(target, seed=77)
+        os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**6))
+    changed = extract.run(cfg)
+    assert changed.key != base.key and not changed.reused
+    assert changed.n_images == {"add": 21, "remove": 19, "modify": 20}[edit]
+
+
+def test_extract_weights_file_change_gives_new_key(
+    image_folder: Path, tmp_path: Path, make_config: MakeConfig
+) -> None:
+    import torch
+    from torchvision.models import resnet18
+
+    file = tmp_path / "w.pth"
+    torch.manual_seed(0)
+    torch.save(resnet18().state_dict(), file)
+    first = extract.run(make_config(image_folder, f"backbone.weights='{file}'"))
+    torch.manual_seed(1)
+    torch.save(resnet18().state_dict(), file)
+    second = extract.run(make_config(image_folder, f"backbone.weights='{file}'"))
+    assert second.key != first.key
+
+
+def test_extract_skips_corrupt_images_found_while_decoding(
+    image_folder: Path, make_config: MakeConfig
+) -> None:
+    # Header intact, pixel data cut: the probe passes, the decode fails.
+    data = (image_folder / "dog" / "02.png").read_bytes()
+    (image_folder / "dog" / "02.png").write_bytes(data[: len(data) // 2])
+    result = extract.run(make_config(image_folder))
+    assert result.n_images == 19
+    [(path, reason)] = result.skipped
+    assert path == "dog/02.png" and "truncat" in reason
+    codes = load_codes(result.path)
+    assert "dog/02.png" not in set(codes.paths)
+    assert np.isfinite(codes.X).all()
+
+
+def test_extract_views_add_seeded_augmented_rows(
+    image_folder: Path, make_config: MakeConfig
+) -> None:
+    result = extract.run(make_config(image_folder, "extract.views=3"))
+    n_train = int(sum(load_codes(result.path, split="train").y >= 0))
+    assert result.n_rows == 20 + 2 * n_train
+    codes = load_codes(result.path, views="all", split="train")
+    first = codes.X[codes.views == 0]
+    for view in (1, 2):
+        assert not np.allclose(codes.X[codes.views == view], first)
+    # Same seed, fresh cache: the same augmented codes.
+    again = extract.run(
+        make_config(image_folder, "extract.views=3", "extract.cache_dir='other-cache'")
+    )
+    assert again.path != result.path or not again.reused
+    assert_same_codes(result.path, again.path)
+
+
+def test_extract_unknown_layer_fails_before_reading_images(
+    tmp_path: Path, make_config: MakeConfig
+) -> None:
+    with pytest.raises(
+        BackboneError,
+        match=r"layer 'layer9' is not in ResNet.*"
+        r"Did you mean .*quadrant layers",
+    ):
+        extract.run(
+            make_config(tmp_path / "does-not-exist", "extract.layers=['layer9']")
+        )
+
+
+def test_extract_resumes_after_a_crash_with_identical_codes(
+    image_folder: Path, make_config: MakeConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overrides = ("extract.shard_size=4", "extract.cache_dir='straight'")
+    straight = extract.run(make_config(image_folder, *overrides))
+
+    crashing = make_config(image_folder, "extract.shard_size=4")
+    real_write = ShardStore.write
+    calls = {"n": 0}
+
+    def write_then_crash(self: ShardStore, *args: object, **kwargs: object) -> None:
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as if killed after two committed shards
+        calls["n"] += 1
+        real_write(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ShardStore, "write", write_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        extract.run(crashing)
+    assert not list(crashing.cache_dir.glob("*.h5"))  # nothing reads as complete
+    monkeypatch.setattr(ShardStore, "write", real_write)
+    resumed = extract.run(crashing)
+    assert resumed.computed_rows == 20 - 2 * 4
+    assert_same_codes(straight.path, resumed.path)
+
+
+def _shards(cache_dir: Path) -> list[Path]:
+    return list(cache_dir.glob("*.parts/shard-*.npz"))
+
+
+def test_extract_survives_sigkill_and_resumes_identically(tmp_path: Path) -> None:
+    """kill -9 a real `quadrant extract` mid-run, run it again, compare."""
+    root = tmp_path / "many"
+    for c in ("a", "b"):
+        for i in range(60):
+            write_png(root / c / f"{i:03d}.png", seed=i + (1000 if c == "b" else 0))
+    common = [*TINY, "extract.shard_size=8", f"data.root='{root}'"]
+
+    def command(out: str) -> list[str]:
+        sets = [
+            arg
+            for item in [*common, f"run.out='{tmp_path / out}'"]
+            for arg in ("--set", item)
+        ]
+        return [sys.executable, "-m", "pipeline", "extract", "-q", *sets]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (tmp_path / "conf.toml").write_text("")  # all settings come from --set
+    subprocess.run(command("straight"), check=True, cwd=tmp_path, env=env)
+    [straight] = (tmp_path / "straight" / "cache").glob("*.h5")
+
+    cache = tmp_path / "killed" / "cache"
+    for _ in range(3):  # kill it at several points, each after >= 1 new shard
+        before = len(_shards(cache))
+        proc = subprocess.Popen(command("killed"), cwd=tmp_path, env=env)
+        deadline = time.monotonic() + 120
+        while len(_shards(cache)) <= before and proc.poll() is None:
+            assert time.monotonic() < deadline, "no shard was committed"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        finals = list(cache.glob("*.h5"))
+        assert all(verify(f) == [] for f in finals)  # never a partial final file
+        if finals:
+            break
+    result = subprocess.run(command("killed"), cwd=tmp_path, env=env, check=True)
+    assert result.returncode == 0
+    [resumed] = cache.glob("*.h5")
+    assert_same_codes(straight, resumed)
+    shutil.rmtree(tmp_path / "many")
