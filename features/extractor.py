@@ -13,6 +13,7 @@ batches an uninterrupted run would have, and writes the same values.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -53,6 +54,7 @@ from features.layers import (
     pooled_name,
     resolve_layers,
 )
+from features.optimize import fold_batchnorm
 from features.transforms import (
     VIEW_CROP_SCALE,
     Normalize,
@@ -162,11 +164,17 @@ class CodeModel(nn.Module):
     """uint8 images in, one pooled code array per (layer, pooling) out.
 
     Normalisation runs inside the model, so the same module serves extraction
-    and ONNX export.
+    and ONNX export. With `fold`, BatchNorm layers are folded into their
+    convolutions (see `features.optimize`); the backbone itself is not changed.
     """
 
     def __init__(
-        self, backbone: Backbone, layers: Sequence[str], pooling: Sequence[str]
+        self,
+        backbone: Backbone,
+        layers: Sequence[str],
+        pooling: Sequence[str],
+        *,
+        fold: bool = True,
     ) -> None:
         super().__init__()
         prep = backbone.preprocessing
@@ -174,7 +182,9 @@ class CodeModel(nn.Module):
         self.identity = backbone.identity()
         self.normalize = Normalize(prep.mean, prep.std)
         nodes = resolve_layers(backbone.model, layers)
-        self.features = build_feature_extractor(backbone.model, nodes)
+        # A copy: folding rewrites modules the backbone's own model shares.
+        self.features = build_feature_extractor(copy.deepcopy(backbone.model), nodes)
+        self.folded = fold_batchnorm(self.features) if fold else 0
         self.poolings = [parse_pooling(p) for p in pooling]
         self.specs = self._specs(nodes, prep.input_size)
 
@@ -389,54 +399,101 @@ def _forward(
     device: torch.device,
     precision: str,
 ) -> None:
-    files = [images.absolute(r) for r in images.records]
     rows = [row for shard in todo for row in store.rows(shard)]
+    loader = _loader(model, images, table, rows, options, device)
+    compute = _Compute(model, options, device, precision)
+    shards = _ShardBuffer(store)
+    total = len(table.row_image)
+    with progress_bar(
+        total, initial=total - len(rows), desc="extract", enabled=options.progress
+    ) as bar:
+        for batch_rows, pixels, ok, reasons in loader:
+            codes = compute(pixels)
+            shards.add(batch_rows.numpy(), codes, ok.numpy(), list(reasons))
+            bar.update(len(batch_rows))
+
+
+def progress_bar(total: int, *, initial: int = 0, desc: str, enabled: bool) -> tqdm:
+    """A tqdm bar with items/s and ETA; sparse updates when stderr is a log file."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="img",
+        desc=desc,
+        disable=not enabled,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        mininterval=1.0 if sys.stderr.isatty() else 30.0,
+    )
+
+
+def _loader(
+    model: CodeModel,
+    images: ImageSet,
+    table: ImageTable,
+    rows: Sequence[int],
+    options: ExtractOptions,
+    device: torch.device,
+) -> DataLoader[Any]:
+    files = [images.absolute(r) for r in images.records]
     workers = (
         options.num_workers if options.num_workers >= 0 else default_workers(device)
     )
-    loader = DataLoader(
+    return DataLoader(
         Subset(_RowDataset(files, table, model.preprocessing, options), rows),
         batch_size=options.batch_size,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
     )
-    model = model.to(device).eval()
-    memory_format = torch.channels_last if _use_channels_last(options, device) else None
-    if memory_format is not None:
-        model = model.to(memory_format=memory_format)
-    amp = _PRECISIONS[precision]
-    shards = _ShardBuffer(store)
-    total = len(table.row_image)
-    with tqdm(
-        total=total,
-        initial=total - len(rows),
-        unit="img",
-        desc="extract",
-        disable=not options.progress,
-        dynamic_ncols=True,
-        file=sys.stderr,
-        mininterval=1.0 if sys.stderr.isatty() else 30.0,
-    ) as bar:
-        for batch_rows, pixels, ok, reasons in loader:
-            pixels = pixels.to(device, non_blocking=True)
-            if memory_format is not None:
-                pixels = pixels.contiguous(memory_format=memory_format)
-            with (
-                torch.inference_mode(),
-                torch.autocast(
-                    device.type, dtype=amp or torch.float32, enabled=amp is not None
-                ),
-            ):
-                codes = model(pixels)
-            host = {name: c.float().cpu().numpy() for name, c in codes.items()}
-            shards.add(batch_rows.numpy(), host, ok.numpy(), list(reasons))
-            bar.update(len(batch_rows))
 
 
-def _use_channels_last(options: ExtractOptions, device: torch.device) -> bool:
-    # channels_last pays off with tensor cores; on the CPU it mostly adds copies.
-    return options.channels_last and device.type == "cuda"
+def compute_chunk(options: ExtractOptions, device: torch.device) -> int:
+    """Images per forward call.
+
+    NOTE: on the CPU a forward pass over 8 images at a time ran 2-4x faster
+    than over 64 (activations stay in cache; docs/benchmarks.md), so CPU
+    batches are cut into chunks of 8. GPUs take the whole batch.
+    """
+    return options.batch_size if device.type != "cpu" else min(8, options.batch_size)
+
+
+class _Compute:
+    """Runs the code model on uint8 batches: device, layout, precision, chunks."""
+
+    def __init__(
+        self,
+        model: CodeModel,
+        options: ExtractOptions,
+        device: torch.device,
+        precision: str,
+    ) -> None:
+        self.device = device
+        self.chunk = compute_chunk(options, device)
+        self.format = torch.channels_last if options.channels_last else None
+        self.model = model.to(device).eval()
+        if self.format is not None:
+            self.model = self.model.to(memory_format=self.format)
+        self.amp = _PRECISIONS[precision]
+
+    def __call__(self, pixels: torch.Tensor) -> dict[str, npt.NDArray[np.float32]]:
+        parts = [self._run(chunk) for chunk in pixels.split(self.chunk)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def _run(self, pixels: torch.Tensor) -> dict[str, npt.NDArray[np.float32]]:
+        pixels = pixels.to(self.device, non_blocking=True)
+        if self.format is not None:
+            pixels = pixels.contiguous(memory_format=self.format)
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                self.device.type,
+                dtype=self.amp or torch.float32,
+                enabled=self.amp is not None,
+            ),
+        ):
+            codes = self.model(pixels)
+        return {name: c.float().cpu().numpy() for name, c in codes.items()}
 
 
 class _ShardBuffer:
@@ -501,7 +558,9 @@ def _provenance(
         "compute": {
             "device": device.type,
             "precision": precision,
-            "channels_last": _use_channels_last(options, device),
+            "channels_last": options.channels_last,
+            "chunk": compute_chunk(options, device),
+            "fold_batchnorm": model.folded > 0,
         },
         "decode": {"background": list(options.background)},
         "images": {

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 from torchvision.models.feature_extraction import (
     create_feature_extractor,
     get_graph_node_names,
@@ -174,7 +174,11 @@ def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, str]:
 
 
 def _unknown_layer_message(model: nn.Module, layer: str, nodes: list[str]) -> str:
-    close = difflib.get_close_matches(layer, layer_names(model) + nodes, n=5)
+    # Every module path is a valid name, so offer prefixes of nodes too.
+    names = {
+        ".".join(n.split(".")[:i]) for n in nodes for i in range(1, n.count(".") + 2)
+    }
+    close = difflib.get_close_matches(layer, sorted(names), n=5)
     hint = f" Did you mean {close}?" if close else ""
     return (
         f"layer {layer!r} is not in {type(model).__name__}.{hint} Hint: run "
@@ -182,7 +186,9 @@ def _unknown_layer_message(model: nn.Module, layer: str, nodes: list[str]) -> st
     )
 
 
-def build_feature_extractor(model: nn.Module, nodes: Mapping[str, str]) -> nn.Module:
+def build_feature_extractor(
+    model: nn.Module, nodes: Mapping[str, str]
+) -> fx.GraphModule:
     """A module returning {layer: output} for `nodes` ({layer: node name} from
     `resolve_layers`), in eval mode.
 

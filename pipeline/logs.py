@@ -51,12 +51,18 @@ def run_log(cfg: Config, command: str) -> Iterator[Path]:
     handler.setFormatter(logging.Formatter(_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
-    logging.getLogger(__name__).info("quadrant %s (config: %s)", command, cfg.source)
+    _file_only(handler, logging.INFO, f"quadrant {command} (config: {cfg.source})")
     try:
         yield out
-    except Exception as err:
-        logging.getLogger(__name__).error("%s failed: %s", command, err)
+    except BaseException as err:
+        # The console shows the error once, from the CLI; the log keeps it too.
+        _file_only(handler, logging.ERROR, f"{command} failed: {err!r}")
         raise
     finally:
         root.removeHandler(handler)
         handler.close()
+
+
+def _file_only(handler: logging.Handler, level: int, message: str) -> None:
+    record = logging.LogRecord(__name__, level, __file__, 0, message, None, None)
+    handler.handle(record)

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models import resnet18
+
+from features.backbones import available_backbones, build_backbone
+from features.backbones.torchvision_weights import cache_path, weights_enum
+from features.errors import BackboneError, WeightsNotFoundError
+
+
+def test_available_backbones_lists_torchvision_and_lite() -> None:
+    names = available_backbones()
+    assert {"resnet50", "convnext_tiny", "vit_b_16", "efficientnet_lite0"} <= set(names)
+
+
+def test_torchvision_weights_offline_error_names_file_and_fix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def offline(url: str, dst: str, hash_prefix: str | None = None) -> None:
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    expected = cache_path(weights_enum("resnet18", "IMAGENET1K_V1").url)
+    with pytest.raises(WeightsNotFoundError) as err:
+        build_backbone("resnet18", "IMAGENET1K_V1")
+    message = str(err.value)
+    assert str(expected) in message
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert "TORCH_HOME" in message and "backbone.weights" in message
+
+
+def test_torchvision_weights_load_from_the_hub_cache() -> None:
+    # A file in torch hub's cache is used as is, as torchvision itself does.
+    torch.manual_seed(5)
+    state = resnet18().state_dict()
+    file = cache_path(weights_enum("resnet18", "default").url)
+    file.parent.mkdir(parents=True)
+    torch.save(state, file)
+    backbone = build_backbone("resnet18", "default")
+    assert torch.equal(backbone.model.conv1.weight, state["conv1.weight"])
+    assert backbone.weights_file == file
+    assert backbone.preprocessing.input_size == 224
+    assert backbone.preprocessing.resize_size == 256
+    assert len(backbone.weights_sha256) == 64
+
+
+def test_unknown_weights_tag_lists_the_valid_ones() -> None:
+    with pytest.raises(
+        BackboneError,
+        match=r"resnet50 has no weights 'IMAGENET2K'.*"
+        r"'IMAGENET1K_V1', 'IMAGENET1K_V2'",
+    ):
+        build_backbone("resnet50", "IMAGENET2K")
+
+
+def test_random_weights_are_seeded() -> None:
+    a = build_backbone("resnet18", "random", seed=1).model.conv1.weight
+    b = build_backbone("resnet18", "random", seed=1).model.conv1.weight
+    c = build_backbone("resnet18", "random", seed=2).model.conv1.weight
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_local_checkpoint_with_another_head_loads(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = resnet18(num_classes=5)
+    file = tmp_path / "five.pth"
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, file
+    )
+    backbone = build_backbone("resnet18", str(file))
+    assert backbone.model.fc.out_features == 5
+    assert torch.equal(backbone.model.fc.weight, model.fc.weight)
+    assert backbone.identity()["num_classes"] == 5
+    rehead = build_backbone("resnet18", str(file), num_classes=3)
+    assert rehead.model.fc.out_features == 3
+    assert torch.equal(rehead.model.conv1.weight, model.conv1.weight)
+
+
+BAD_FILES = [
+    ("missing.pth", None, WeightsNotFoundError, r"missing.pth not found"),
+    ("text.pth", b"hello", BackboneError, r"is not a PyTorch weights file"),
+    ("list.pth", [torch.zeros(1)], BackboneError, r"holds a list, not a state_dict"),
+    (
+        "other.pth",
+        "resnet34",
+        BackboneError,
+        r"does not fit backbone 'resnet18': .*unexpected key.*check that backbone.name",
+    ),
+]
+
+
+@pytest.mark.parametrize("name, content, error, pattern", BAD_FILES)
+def test_wrong_model_files_get_clear_errors(
+    tmp_path: Path, name: str, content: object, error: type[Exception], pattern: str
+) -> None:
+    file = tmp_path / name
+    if isinstance(content, bytes):
+        file.write_bytes(content)
+    elif content == "resnet34":
+        from torchvision.models import resnet34
+
+        torch.save(resnet34().state_dict(), file)
+    elif content is not None:
+        torch.save(content, file)
+    with pytest.raises(error, match=pattern):
+        build_backbone("resnet18", str(file))
+
+
+def test_preprocessing_overrides_keep_the_crop_ratio() -> None:
+    backbone = build_backbone("resnet18", "random", preprocessing={"input_size": 112})
+    assert backbone.preprocessing.input_size == 112
+    assert backbone.preprocessing.resize_size == 128
+
+
+def test_efficientnet_lite0_default_weights_are_the_real_ones() -> None:
+    backbone = build_backbone("efficientnet_lite0")
+    assert backbone.weights_file is not None
+    assert backbone.weights_file.name == "efficientnet-lite0-57934424.pth"
+    assert backbone.weights_sha256.startswith("57934424")
+    assert backbone.preprocessing.mean == pytest.approx((127 / 255,) * 3)
+    with pytest.raises(BackboneError, match="efficientnet_lite0 has weights 'default'"):
+        build_backbone("efficientnet_lite0", "IMAGENET1K_V2")
