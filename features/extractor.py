@@ -401,7 +401,7 @@ def _forward(
 ) -> None:
     rows = [row for shard in todo for row in store.rows(shard)]
     loader = _loader(model, images, table, rows, options, device)
-    compute = _Compute(model, options, device, precision)
+    compute = CodeRunner(model, options, device, precision)
     shards = _ShardBuffer(store)
     total = len(table.row_image)
     with progress_bar(
@@ -458,8 +458,11 @@ def compute_chunk(options: ExtractOptions, device: torch.device) -> int:
     return options.batch_size if device.type != "cpu" else min(8, options.batch_size)
 
 
-class _Compute:
-    """Runs the code model on uint8 batches: device, layout, precision, chunks."""
+class CodeRunner:
+    """Runs a code model on uint8 batches: device, layout, precision, chunks.
+
+    Shared by extraction and the benchmarks, so both time the same compute.
+    """
 
     def __init__(
         self,

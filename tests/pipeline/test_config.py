@@ -149,3 +149,16 @@ def test_repo_conf_toml_is_the_demo_config() -> None:
 
 def test_extract_config_defaults_are_valid() -> None:
     assert ExtractConfig().layers == ("top",)
+
+
+def test_every_config_key_is_documented() -> None:
+    from dataclasses import fields
+
+    from pipeline.config import SECTIONS
+
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    for section, cls in SECTIONS.items():
+        assert f"## [{section}]" in doc
+        part = doc.split(f"## [{section}]")[1].split("\n## ")[0]
+        for f in fields(cls):
+            assert f"`{f.name}`" in part, f"[{section}] {f.name} is not documented"
