@@ -279,6 +279,7 @@ def assemble(
                 "provenance": json.dumps(provenance, sort_keys=True),
                 "environment": json.dumps(environment, sort_keys=True),
                 "label_names": json.dumps(list(label_names)),
+                "code_order": json.dumps([s.name for s in store.specs]),
                 "data_root": data_root,
                 "n_images": len(keep),
                 "n_rows": n_rows,
@@ -440,14 +441,8 @@ class CacheInfo:
 def read_info(path: Path) -> CacheInfo:
     """Summarise a cache file (header, datasets, counts)."""
     with open_cache(path) as h5:
-        datasets: dict[str, tuple[int, ...]] = {}
-        h5["codes"].visititems(
-            lambda name, obj: (
-                datasets.__setitem__(name, obj.shape)
-                if isinstance(obj, h5py.Dataset)
-                else None
-            )
-        )
+        order = json.loads(h5.attrs["code_order"])
+        datasets = {name: tuple(h5[f"codes/{name}"].shape) for name in order}
         splits = h5["images/split"].asstr()[:]
         values, counts = np.unique(splits, return_counts=True)
         first = next(iter(datasets), None)
@@ -528,6 +523,35 @@ def _digest_dataset(dataset: h5py.Dataset) -> str:
     return digest.hexdigest()
 
 
+# Provenance entries that only change float rounding, not what the codes are:
+# codes computed on a GPU in bf16 serve training on a laptop.
+ROUNDING_ONLY = ("compute", "batch_size")
+
+
+def read_provenance(path: Path) -> dict[str, Any]:
+    """The provenance record of a finished cache file (attributes only)."""
+    with open_cache(path) as h5:
+        return dict(json.loads(h5.attrs["provenance"]))
+
+
+def same_codes(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """True when two provenance records differ at most in float rounding."""
+    return {k: v for k, v in a.items() if k not in ROUNDING_ONLY} == {
+        k: v for k, v in b.items() if k not in ROUNDING_ONLY
+    }
+
+
+def find_compatible(cache_dir: Path, provenance: Mapping[str, Any]) -> Path | None:
+    """A finished cache in `cache_dir` holding the same codes up to rounding."""
+    for file in sorted(Path(cache_dir).glob("codes-*.h5")):
+        try:
+            if same_codes(read_provenance(file), provenance):
+                return file
+        except (CacheCorruptError, CacheMismatchError, OSError, KeyError):
+            continue
+    return None
+
+
 def diff_provenance(expected: Mapping[str, Any], found: Mapping[str, Any]) -> list[str]:
     """Human-readable differences between two provenance records ("a.b: x != y")."""
     out: list[str] = []
@@ -540,7 +564,7 @@ def _diff(prefix: str, a: Any, b: Any, out: list[str]) -> None:
         for key in sorted(set(a) | set(b)):
             _diff(f"{prefix}{key}.", a.get(key), b.get(key), out)
     elif a != b:
-        out.append(f"{prefix.rstrip('.')}: wanted {a!r}, cache has {b!r}")
+        out.append(f"{prefix.rstrip('.')}: expected {a!r}, found {b!r}")
 
 
 # ---------------------------------------------------------------------------

@@ -142,6 +142,35 @@ def discover(
     return ImageSet(root, tuple(records), label_names, tuple(skipped), digest)
 
 
+def images_from_paths(
+    paths: Sequence[Path | str],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    fingerprint: str = "stat",
+    workers: int = 8,
+) -> ImageSet:
+    """An unlabelled ImageSet of the given files (label 0, split "train").
+
+    For transforming arbitrary files (`CNNCodes`, prediction): no class
+    folders, no splitting. Duplicates are listed once.
+
+    Raises:
+        StageInputError: a file does not exist.
+    """
+    files = sorted({Path(p).resolve() for p in paths})
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise StageInputError(f"{len(missing)} file(s) not found, e.g. {missing[:3]}")
+    if not files:
+        raise DataError("no image paths given")
+    base = Path(os.path.commonpath([f.parent for f in files]))
+    listed: list[_Listed] = [(_rel(base, f), "images", "train") for f in files]
+    good, skipped = _probe_all(base, listed, max_pixels, workers)
+    records = [ImageRecord(item[0], 0, "train") for item in good]
+    digest = _fingerprint(base, records, ("images",), skipped, fingerprint)
+    return ImageSet(base, tuple(records), ("images",), tuple(skipped), digest)
+
+
 # A listed file before splitting: (relative path, class name, split or None).
 _Listed = tuple[str, str, str | None]
 

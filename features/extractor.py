@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -49,6 +50,7 @@ from features.errors import CacheMismatchError, ConfigError, ImageDecodeError
 from features.images import DEFAULT_MAX_PIXELS, decode_image
 from features.layers import (
     build_feature_extractor,
+    depth_order,
     parse_pooling,
     pool,
     pooled_name,
@@ -185,6 +187,7 @@ class CodeModel(nn.Module):
         # A copy: folding rewrites modules the backbone's own model shares.
         self.features = build_feature_extractor(copy.deepcopy(backbone.model), nodes)
         self.folded = fold_batchnorm(self.features) if fold else 0
+        self.layer_order = depth_order(backbone.model, nodes)
         self.poolings = [parse_pooling(p) for p in pooling]
         self.specs = self._specs(nodes, prep.input_size)
 
@@ -193,7 +196,7 @@ class CodeModel(nn.Module):
         probe = torch.zeros(1, 3, input_size, input_size, dtype=torch.uint8)
         outputs = self.features(self.normalize(probe))
         specs: list[CodeSpec] = []
-        for layer in nodes:
+        for layer in self.layer_order:
             shape = tuple(outputs[layer].shape[1:])
             for p in self.poolings:
                 dims = int(pool(outputs[layer], p).shape[1])
@@ -279,6 +282,26 @@ def image_table(images: ImageSet, views: int) -> ImageTable:
     )
 
 
+@dataclass(frozen=True)
+class CodePlan:
+    """Where the codes for a configuration live, and why: key and provenance."""
+
+    key: str
+    provenance: dict[str, Any]
+    path: Path
+
+
+def plan_codes(
+    images: ImageSet, model: CodeModel, options: ExtractOptions, cache_dir: Path
+) -> CodePlan:
+    """The cache key and file of these images through this model (no compute)."""
+    device = resolve_device(options.device)
+    precision = resolve_precision(options.precision, device)
+    provenance = _provenance(images, model, options, device, precision)
+    key = cache_key(provenance)
+    return CodePlan(key, provenance, Path(cache_dir) / f"codes-{key[:16]}.h5")
+
+
 def extract_codes(
     images: ImageSet,
     model: CodeModel,
@@ -307,9 +330,8 @@ def extract_codes(
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)
     table = image_table(images, options.views)
-    provenance = _provenance(images, model, options, device, precision)
-    key = cache_key(provenance)
-    final = Path(cache_dir) / f"codes-{key[:16]}.h5"
+    plan = plan_codes(images, model, options, cache_dir)
+    key, provenance, final = plan.key, plan.provenance, plan.path
     if final.exists():
         return _reuse(final, key, start)
     shard_rows = options.batch_size * max(
@@ -356,18 +378,16 @@ def _result(
     final: Path, key: str, *, reused: bool, start: float, computed: int
 ) -> ExtractResult:
     with open_cache(final) as h5:
-        specs = []
-        for layer in h5["codes"]:
-            for pooling, ds in h5["codes"][layer].items():
-                specs.append(
-                    CodeSpec(
-                        str(ds.attrs["layer"]),
-                        str(ds.attrs["node"]),
-                        pooling,
-                        int(ds.shape[1]),
-                        tuple(int(v) for v in ds.attrs["source_shape"]),
-                    )
-                )
+        specs = [
+            CodeSpec(
+                str(ds.attrs["layer"]),
+                str(ds.attrs["node"]),
+                str(ds.attrs["pooling"]),
+                int(ds.shape[1]),
+                tuple(int(v) for v in ds.attrs["source_shape"]),
+            )
+            for ds in (h5["codes"][n] for n in json.loads(h5.attrs["code_order"]))
+        ]
         skipped = tuple(
             zip(
                 h5["skipped/path"].asstr()[:],

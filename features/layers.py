@@ -186,6 +186,19 @@ def _unknown_layer_message(model: nn.Module, layer: str, nodes: list[str]) -> st
     )
 
 
+def depth_order(model: nn.Module, nodes: Mapping[str, str]) -> list[str]:
+    """The layers of `nodes` ({layer: node}) sorted from input to output."""
+    graph = _eval_nodes(model)
+
+    def position(layer: str) -> int:
+        node = nodes[layer]
+        return max(
+            i for i, n in enumerate(graph) if n == node or n.startswith(node + ".")
+        )
+
+    return sorted(nodes, key=position)
+
+
 def build_feature_extractor(
     model: nn.Module, nodes: Mapping[str, str]
 ) -> fx.GraphModule:

@@ -59,6 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_extract)
 
+    p = sub.add_parser(
+        "sweep",
+        parents=[common],
+        help="probe every cached layer: CV accuracy and LogME",
+    )
+    p.set_defaults(handler=_stage("sweep"))
+
+    p = sub.add_parser(
+        "train", parents=[common], help="fit a scikit-learn classifier on cached codes"
+    )
+    p.set_defaults(handler=_stage("train"))
+
+    p = sub.add_parser(
+        "evaluate", parents=[common], help="score the trained model on the test split"
+    )
+    p.set_defaults(handler=_stage("evaluate"))
+
     p = sub.add_parser("layers", parents=[common], help="list a backbone's layer names")
     p.add_argument("backbone", nargs="?", help="backbone name (default: the config's)")
     p.add_argument(
@@ -139,6 +156,11 @@ def _config(args: argparse.Namespace, *, required: bool = True) -> Config:
 
 def _extract(args: argparse.Namespace) -> int:
     return commands.extract(_config(args))
+
+
+def _stage(name: str) -> Callable[[argparse.Namespace], int]:
+    command: Callable[[Config], int] = getattr(commands, name)
+    return lambda args: command(_config(args))
 
 
 def _layers(args: argparse.Namespace) -> int:

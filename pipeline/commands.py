@@ -17,7 +17,10 @@ from features.cache import read_info, verify
 from features.errors import CacheCorruptError
 from features.extractor import ExtractResult
 from features.layers import TOP, layer_names, layer_shapes, parse_pooling, resolve_top
+from pipeline import evaluate as evaluate_stage
 from pipeline import extract as extract_stage
+from pipeline import sweep as sweep_stage
+from pipeline import train as train_stage
 from pipeline.config import Config
 from pipeline.logs import run_log
 
@@ -29,6 +32,66 @@ def extract(cfg: Config) -> int:
     with run_log(cfg, "extract"):
         result = extract_stage.run(cfg)
     print(format_extract(result))
+    return 0
+
+
+def sweep(cfg: Config) -> int:
+    """`quadrant sweep`: the layer table, the plot, the best layer."""
+    with run_log(cfg, "sweep"):
+        result = sweep_stage.run(cfg)
+    print("\n".join(format_sweep(result, cfg)))
+    return 0
+
+
+def format_sweep(result: sweep_stage.SweepResult, cfg: Config) -> list[str]:
+    lines = [
+        f"layer sweep on {result.images} training images ({result.cache.name})",
+        f"  {'layer/pooling':<28} {'dims':>6} {'CV accuracy':>16} {'LogME':>8} "
+        f"{'time':>7}",
+    ]
+    for r in result.rows:
+        mark = "  <- best" if r is result.best else ""
+        lines.append(
+            f"  {r.name:<28} {r.dims:>6} {r.accuracy:>8.4f} ± {r.std:.4f} "
+            f"{r.logme:>8.3f} {r.seconds:>6.1f}s{mark}"
+        )
+    margin = result.margin_over_top()
+    if margin is not None and result.best.layer != "top":
+        lines.append(f"best: {result.best.name}, {100 * margin:+.1f} points over top")
+    else:
+        lines.append(f"best: {result.best.name}")
+    lines.append(
+        f"plot: {cfg.run.out / 'sweep.png'}  table: {cfg.run.out / 'sweep.csv'}"
+    )
+    return lines
+
+
+def train(cfg: Config) -> int:
+    """`quadrant train`."""
+    with run_log(cfg, "train"):
+        result = train_stage.run(cfg)
+    print("\n".join(format_train(result, cfg)))
+    return 0
+
+
+def format_train(result: train_stage.TrainResult, cfg: Config) -> list[str]:
+    params = ", ".join(f"{k}={v}" for k, v in result.best_params.items())
+    val = "" if result.val_score is None else f", val accuracy {result.val_score:.4f}"
+    return [
+        f"trained {result.classifier} on {result.layer}/{result.pooling} "
+        f"({result.n_train} training rows, {result.seconds:.1f} s)",
+        f"  chosen: {params}; CV {cfg.train.scoring} {result.cv_score:.4f} ± "
+        f"{result.cv_std:.4f}{val}",
+        f"  model: {result.model_dir}",
+        f"  validation curve: {cfg.run.out / 'train_cv.png'}",
+    ]
+
+
+def evaluate(cfg: Config) -> int:
+    """`quadrant evaluate`."""
+    with run_log(cfg, "evaluate"):
+        result = evaluate_stage.run(cfg)
+    print("\n".join(evaluate_stage.summary_lines(result)))
     return 0
 
 
@@ -162,6 +225,9 @@ def demo(cfg: Config) -> int:
 
     with run_log(cfg, "demo"):
         result = demo_stage.run(cfg)
-    print(format_extract(result))
-    print(f"results are in {cfg.run.out} (summary: {cfg.run.out / 'extract.json'})")
+    print(format_extract(result.extract))
+    print("\n".join(format_sweep(result.sweep, cfg)))
+    print("\n".join(format_train(result.train, cfg)))
+    print("\n".join(evaluate_stage.summary_lines(result.evaluate)))
+    print(f"results are in {cfg.run.out}")
     return 0

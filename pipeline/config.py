@@ -42,6 +42,10 @@ STRATEGIES = {
     "scratch": "4",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
+CLASSIFIERS = ("logistic", "linear_svm", "svm", "sgd")
+PREPROCESS_STEPS = ("standardize", "l2", "pca")
+CLASS_WEIGHTS = ("none", "balanced")
+SCORINGS = ("accuracy", "balanced_accuracy", "f1_macro")
 
 
 def _check_choice(section: str, key: str, value: str, choices: Iterable[str]) -> None:
@@ -202,6 +206,102 @@ class ExtractConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """A scikit-learn classifier on cached codes (the codes path, cases 1-2).
+
+    `layer` is a layer of extract.layers, or "best" for the layer the sweep
+    ranks first. Hyper-parameters are chosen by stratified cross-validation
+    on the training split over the grids `C` (logistic, linear_svm, svm),
+    `gamma` (svm) and `alpha` (sgd).
+    """
+
+    classifier: str = "logistic"
+    layer: str = "top"
+    pooling: str | None = None
+    preprocess: tuple[str, ...] = ("standardize",)
+    pca_components: float = 0.95
+    C: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
+    gamma: tuple[str | float, ...] = ("scale",)
+    alpha: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
+    class_weight: str = "none"
+    scoring: str = "accuracy"
+    cv_folds: int = 5
+    n_jobs: int = -1
+    max_iter: int = 2000
+    views: str = "first"
+    epochs: int = 5
+    buffer_mib: int = 256
+    codes: Path | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("train", "classifier", self.classifier, CLASSIFIERS)
+        for step in self.preprocess:
+            _check_choice("train", "preprocess", step, PREPROCESS_STEPS)
+        if len(set(self.preprocess)) != len(self.preprocess):
+            raise ConfigError(
+                f"[train] preprocess has duplicates: {list(self.preprocess)}"
+            )
+        if self.pca_components <= 0 or (
+            self.pca_components >= 1 and not float(self.pca_components).is_integer()
+        ):
+            raise ConfigError(
+                "[train] pca_components must be a share of variance in (0, 1) or a "
+                f"whole number of components, got {self.pca_components}"
+            )
+        for key in ("C", "alpha"):
+            values = getattr(self, key)
+            if not values or min(values) <= 0:
+                raise ConfigError(
+                    f"[train] {key} must be positive numbers, got {list(values)}"
+                )
+        for g in self.gamma:
+            if (
+                isinstance(g, str)
+                and g not in ("scale", "auto")
+                or (not isinstance(g, str) and g <= 0)
+            ):
+                raise ConfigError(
+                    f"[train] gamma values must be 'scale', 'auto' or > 0, got {g!r}"
+                )
+        _check_choice("train", "class_weight", self.class_weight, CLASS_WEIGHTS)
+        _check_choice("train", "scoring", self.scoring, SCORINGS)
+        _check_choice("train", "views", self.views, ("first", "all"))
+        for key in ("cv_folds",):
+            if getattr(self, key) < 2:
+                raise ConfigError(
+                    f"[train] {key} must be >= 2, got {getattr(self, key)}"
+                )
+        for key in ("max_iter", "epochs", "buffer_mib"):
+            if getattr(self, key) < 1:
+                raise ConfigError(
+                    f"[train] {key} must be >= 1, got {getattr(self, key)}"
+                )
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The layer sweep: a linear probe and LogME for every cached layer.
+
+    `max_images` caps the training images the probe sees (a stratified,
+    seeded subset), which keeps the sweep quick on large data sets.
+    """
+
+    cv_folds: int = 5
+    C: float = 1.0
+    max_images: int = 5000
+
+    def __post_init__(self) -> None:
+        if self.cv_folds < 2:
+            raise ConfigError(f"[sweep] cv_folds must be >= 2, got {self.cv_folds}")
+        if self.C <= 0:
+            raise ConfigError(f"[sweep] C must be > 0, got {self.C}")
+        if self.max_images < 10:
+            raise ConfigError(
+                f"[sweep] max_images must be >= 10, got {self.max_images}"
+            )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Where a run writes, which case it runs and how it talks."""
 
@@ -226,6 +326,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     source: Path | None = None
 
@@ -239,6 +341,8 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "backbone": BackboneConfig,
     "extract": ExtractConfig,
+    "sweep": SweepConfig,
+    "train": TrainConfig,
     "run": RunConfig,
 }
 
@@ -383,7 +487,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (types.UnionType, typing.Union):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _coerce(value, options[0], where)
+        for option in options[:-1]:  # the last option's error explains best
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                pass
+        return _coerce(value, options[-1], where)
     if origin is tuple:
         item = typing.get_args(hint)[0]
         items = value if isinstance(value, list) else [value]

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from features import datasets
 from features.extractor import ExtractResult
-from pipeline import extract
+from pipeline import evaluate, extract, sweep, train
 from pipeline.config import Config, load_config
 
 log = logging.getLogger(__name__)
@@ -27,13 +28,27 @@ DEMO_LAYERS = ("_blocks.2", "_blocks.4", "_blocks.7", "_blocks.10", "_blocks.14"
 def demo_config(overrides: Sequence[str] = (), *, cwd: Path | None = None) -> Config:
     """The demo configuration; `overrides` as for `--set`."""
     layers = "[" + ", ".join(f'"{layer}"' for layer in DEMO_LAYERS) + "]"
-    return load_config(None, [f"extract.layers={layers}", *overrides], cwd=cwd)
+    demo = [f"extract.layers={layers}", "train.layer=best"]
+    return load_config(None, [*demo, *overrides], cwd=cwd)
 
 
-def run(cfg: Config) -> ExtractResult:
-    """Write the digits under data.root if they are not there, then extract."""
+@dataclass(frozen=True)
+class DemoResult:
+    """Every stage's result, for the summary."""
+
+    extract: ExtractResult
+    sweep: sweep.SweepResult
+    train: train.TrainResult
+    evaluate: evaluate.EvalResult
+
+
+def run(cfg: Config) -> DemoResult:
+    """Write the digits under data.root if missing, then extract, sweep, train
+    on the best layer and evaluate on the test split."""
     root = cfg.data.root
     if not root.exists():
         log.info("writing scikit-learn's digits to %s", root)
         datasets.write_digits(root)
-    return extract.run(cfg)
+    return DemoResult(
+        extract.run(cfg), sweep.run(cfg), train.run(cfg), evaluate.run(cfg)
+    )

@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from features.backbones import Backbone, build_backbone
-from features.cache import atomic_write_text
+from features.cache import (
+    atomic_write_text,
+    diff_provenance,
+    find_compatible,
+    read_provenance,
+    same_codes,
+)
 from features.data import ImageSet, discover
-from features.extractor import CodeModel, ExtractOptions, ExtractResult, extract_codes
+from features.errors import CacheMismatchError
+from features.extractor import (
+    CodeModel,
+    ExtractOptions,
+    ExtractResult,
+    extract_codes,
+    plan_codes,
+)
 from pipeline.config import Config
 
 log = logging.getLogger(__name__)
@@ -26,15 +40,23 @@ def run(cfg: Config) -> ExtractResult:
         DataError: no usable images, an empty class, a class too small to split.
         BackboneError: unknown weights or layer.
     """
+    model, images = prepare(cfg)
+    return _extract(cfg, model, images)
+
+
+def prepare(cfg: Config) -> tuple[CodeModel, ImageSet]:
+    """The code model (backbone cut at the layers) and the checked images."""
     backbone = load_backbone(cfg)
     model = CodeModel(backbone, cfg.extract.layers, cfg.extract.pooling)
-    images = load_images(cfg)
+    return model, load_images(cfg)
+
+
+def _extract(cfg: Config, model: CodeModel, images: ImageSet) -> ExtractResult:
     log.info(
-        "extracting %d images (%d classes) with %s at %dpx, layers %s",
+        "extracting %d images (%d classes) at %dpx, layers %s",
         len(images),
         len(images.label_names),
-        backbone.name,
-        backbone.preprocessing.input_size,
+        model.preprocessing.input_size,
         list(cfg.extract.layers),
     )
     result = extract_codes(
@@ -44,6 +66,37 @@ def run(cfg: Config) -> ExtractResult:
     for path, reason in result.skipped:
         log.warning("skipped %s: %s", path, reason)
     return result
+
+
+def locate_codes(cfg: Config, explicit: Path | None = None) -> Path:
+    """The code cache a training stage should read, extracting it if needed.
+
+    In order: `explicit` (checked against the configuration), the exact
+    cache, a cache holding the same codes computed elsewhere (another device,
+    precision or batch size: rounding differences only), a fresh extraction.
+
+    Raises:
+        CacheMismatchError: `explicit` holds codes of another configuration,
+            listing every difference.
+    """
+    model, images = prepare(cfg)
+    plan = plan_codes(images, model, extract_options(cfg), cfg.cache_dir)
+    if explicit is not None:
+        found = read_provenance(explicit)
+        if not same_codes(plan.provenance, found):
+            raise CacheMismatchError(
+                f"{explicit} holds other codes than conf.toml asks for:\n  "
+                + "\n  ".join(diff_provenance(plan.provenance, found))
+                + "\nFix the config, or drop train.codes to extract matching codes."
+            )
+        return explicit
+    if plan.path.exists():
+        return plan.path
+    compatible = find_compatible(cfg.cache_dir, plan.provenance)
+    if compatible is not None:
+        log.info("using %s: the same codes, computed with other settings", compatible)
+        return compatible
+    return _extract(cfg, model, images).path
 
 
 def load_backbone(cfg: Config) -> Backbone:

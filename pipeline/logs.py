@@ -12,11 +12,29 @@ import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from features.cache import atomic_write_text
 from pipeline.config import Config, config_to_dict, dump_toml
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _Console(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (pytest and notebooks swap it)."""
+
+    _quadrant_console = True
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 def setup_console(level: str = "info") -> None:
@@ -26,10 +44,9 @@ def setup_console(level: str = "info") -> None:
     for handler in list(root.handlers):
         if getattr(handler, "_quadrant_console", False):
             root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Console()
     handler.setLevel(level.upper())
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    handler._quadrant_console = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     # Third-party chatter stays out of the console.
     for noisy in ("matplotlib", "PIL", "h5py", "filelock"):

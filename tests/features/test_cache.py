@@ -107,7 +107,7 @@ def test_diff_provenance_names_the_differences() -> None:
     diff = diff_provenance(
         {"backbone": {"name": "a"}, "k": 1}, {"backbone": {"name": "b"}, "k": 1}
     )
-    assert diff == ["backbone.name: wanted 'a', cache has 'b'"]
+    assert diff == ["backbone.name: expected 'a', found 'b'"]
 
 
 def _store(tmp_path: Path, **changes: object) -> ShardStore:

@@ -1,0 +1,122 @@
+"""Figures people would rather look at than read: PNG files under run.out.
+
+matplotlib runs headless (the Agg backend), so plots work on servers and in CI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+
+_DPI = 130
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+    return path
+
+
+def sweep_plot(
+    names: Sequence[str],
+    accuracy: Sequence[float],
+    std: Sequence[float],
+    logme: Sequence[float],
+    best: str,
+    path: Path,
+    *,
+    title: str,
+) -> Path:
+    """Linear-probe accuracy and LogME against depth (Yosinski et al.'s curve)."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(names) + 2), 4.2))
+    x = np.arange(len(names))
+    ax.errorbar(
+        x,
+        accuracy,
+        yerr=std,
+        marker="o",
+        capsize=3,
+        color="tab:blue",
+        label="linear probe, CV accuracy",
+    )
+    ax.set_ylabel("cross-validated accuracy", color="tab:blue")
+    ax.set_xticks(x, names, rotation=35, ha="right")
+    ax.set_xlabel("layer (input → output)")
+    i = list(names).index(best)
+    ax.annotate(
+        f"best: {accuracy[i]:.3f}",
+        (x[i], accuracy[i]),
+        xytext=(0, 12),
+        textcoords="offset points",
+        ha="center",
+        color="tab:blue",
+    )
+    twin = ax.twinx()
+    twin.plot(x, logme, marker="s", linestyle="--", color="tab:orange", label="LogME")
+    twin.set_ylabel("LogME (no training)", color="tab:orange")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles, ["linear probe, CV accuracy", "LogME"], loc="lower right")
+    return _save(fig, path)
+
+
+def confusion_plot(
+    matrix: npt.NDArray[np.integer[Any]],
+    labels: Sequence[str],
+    path: Path,
+    *,
+    title: str,
+) -> Path:
+    """Row-normalised confusion matrix, with the counts in each cell."""
+    size = max(4.5, 0.55 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    totals = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+    display = ConfusionMatrixDisplay(share, display_labels=list(labels))
+    display.plot(
+        ax=ax, cmap="Blues", colorbar=False, values_format=".2f", xticks_rotation=45
+    )
+    if len(labels) <= 20:
+        for (i, j), count in np.ndenumerate(matrix):
+            # Blank zero cells: the eye goes to the mistakes that happened.
+            text = f"{share[i, j]:.2f}\n({count})" if count else ""
+            display.text_[i, j].set_text(text)
+    else:
+        for text in display.text_.ravel():
+            text.set_text("")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def cv_plot(
+    values: Sequence[Any],
+    mean: Sequence[float],
+    std: Sequence[float],
+    param: str,
+    path: Path,
+    *,
+    title: str,
+) -> Path:
+    """Cross-validated score against one hyper-parameter (a validation curve)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = np.arange(len(values))
+    ax.errorbar(x, mean, yerr=std, marker="o", capsize=3)
+    ax.set_xticks(x, [str(v) for v in values], rotation=30)
+    ax.set_xlabel(param)
+    ax.set_ylabel("cross-validated score")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

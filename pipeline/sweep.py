@@ -1,0 +1,184 @@
+"""The layer sweep: which depth of the network transfers best to this data?
+
+Every cached layer x pooling gets a cross-validated linear probe (standardise
++ logistic regression) and its LogME score, on the training split. The table,
+a plot of accuracy against depth and the best layer (with its margin over
+"top") land under run.out: `sweep.json`, `sweep.csv`, `sweep.png`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from sklearn.model_selection import train_test_split
+
+from features.cache import atomic_write_text, read_info
+from features.codes import Codes, available_codes, load_codes
+from features.errors import DataError
+from features.layers import TOP
+from features.probes import linear_probe, logme
+from pipeline import extract, plots
+from pipeline.config import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One layer x pooling: its probe accuracy, LogME and cost."""
+
+    name: str
+    layer: str
+    pooling: str
+    dims: int
+    accuracy: float
+    std: float
+    logme: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """The sweep over every code array of one cache."""
+
+    rows: tuple[SweepRow, ...]
+    best: SweepRow
+    cache: Path
+    key: str
+    images: int
+
+    @property
+    def top(self) -> SweepRow | None:
+        return next((r for r in self.rows if r.layer == TOP), None)
+
+    def margin_over_top(self) -> float | None:
+        return None if self.top is None else self.best.accuracy - self.top.accuracy
+
+
+def run(cfg: Config) -> SweepResult:
+    """Probe every cached layer; write the table and the plot.
+
+    Raises:
+        DataError: one class only, a class with one training image, or
+            non-finite codes.
+    """
+    path = extract.locate_codes(cfg, cfg.train.codes)
+    key = read_info(path).key
+    rows = []
+    for name in available_codes(path):
+        layer, pooling = name.rsplit("/", 1)
+        codes = _subset(load_codes(path, layer, pooling, split="train"), cfg)
+        rows.append(_probe(name, codes, cfg))
+        log.info(
+            "sweep %-24s acc %.3f ± %.3f  LogME %.3f",
+            name,
+            rows[-1].accuracy,
+            rows[-1].std,
+            rows[-1].logme,
+        )
+    best = max(rows, key=lambda r: (r.accuracy, r.logme))
+    result = SweepResult(tuple(rows), best, path, key, len(codes))
+    _write(cfg, result)
+    return result
+
+
+def _subset(codes: Codes, cfg: Config) -> Codes:
+    """A stratified, seeded subset of at most sweep.max_images training images."""
+    if len(codes) <= cfg.sweep.max_images:
+        return codes
+    keep, _ = train_test_split(
+        np.arange(len(codes)),
+        train_size=cfg.sweep.max_images,
+        stratify=codes.y,
+        random_state=cfg.run.seed,
+    )
+    return codes.take(np.sort(keep))
+
+
+def check_finite(X: npt.NDArray[np.floating[Any]], name: str) -> None:
+    """Refuse NaN or infinite codes with the count and the likely causes.
+
+    Raises:
+        DataError: some codes are not finite.
+    """
+    bad = ~np.isfinite(X)
+    if bad.any():
+        rows = int(bad.any(axis=1).sum())
+        raise DataError(
+            f"{name}: {rows} of {len(X)} code rows hold NaN or infinite values. "
+            "Likely causes: float16 storage overflowing (set extract.dtype = "
+            "'float32'), fp16 autocast (set extract.precision = 'bf16' or 'fp32'), "
+            "or broken weights; re-extract after fixing."
+        )
+
+
+def _probe(name: str, codes: Codes, cfg: Config) -> SweepRow:
+    check_finite(codes.X, name)
+    start = time.perf_counter()
+    probe = linear_probe(
+        codes.X,
+        codes.y,
+        C=cfg.sweep.C,
+        folds=cfg.sweep.cv_folds,
+        seed=cfg.run.seed,
+        n_jobs=cfg.train.n_jobs,
+        max_iter=cfg.train.max_iter,
+    )
+    score = logme(codes.X, codes.y)
+    return SweepRow(
+        name,
+        codes.layer,
+        codes.pooling,
+        codes.X.shape[1],
+        probe.accuracy,
+        probe.std,
+        score,
+        time.perf_counter() - start,
+    )
+
+
+def _write(cfg: Config, result: SweepResult) -> None:
+    out = cfg.run.out
+    summary = {
+        "cache": str(result.cache),
+        "key": result.key,
+        "images": result.images,
+        "best": asdict(result.best),
+        "margin_over_top": result.margin_over_top(),
+        "rows": [asdict(r) for r in result.rows],
+    }
+    atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2) + "\n")
+    with open(out / "sweep.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(asdict(result.rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in result.rows)
+    plots.sweep_plot(
+        [r.name for r in result.rows],
+        [r.accuracy for r in result.rows],
+        [r.std for r in result.rows],
+        [r.logme for r in result.rows],
+        result.best.name,
+        out / "sweep.png",
+        title=f"{cfg.backbone.name} on {cfg.data.root.name}: "
+        f"{result.images} training images",
+    )
+
+
+def best_layer(cfg: Config, cache: Path) -> tuple[str, str]:
+    """The (layer, pooling) the sweep ranks first, sweeping if needed."""
+    file = cfg.run.out / "sweep.json"
+    key = read_info(cache).key
+    if file.is_file():
+        saved = json.loads(file.read_text())
+        if saved.get("key") == key:
+            return saved["best"]["layer"], saved["best"]["pooling"]
+    best = run(cfg).best
+    return best.layer, best.pooling
