@@ -38,6 +38,14 @@ def test_demo_extracts_every_layer_with_real_weights(
     assert commands.demo(cfg) == 0
     out = capsys.readouterr().out
     assert f"results are in {tmp_path / 'run'}" in out
+    for name in (
+        "sweep.png",
+        "model/model.json",
+        "metrics.json",
+        "confusion_matrix.png",
+    ):
+        assert (tmp_path / "run" / name).is_file()
+    assert "best: _blocks" in out or "best: top" in out
     [cache] = (tmp_path / "run" / "cache").glob("codes-*.h5")
     dims = {
         "_blocks.2": 24,
@@ -66,6 +74,7 @@ def test_demo_writes_the_digits_when_missing(
     cfg = demo_config(
         [f"data.root='{tmp_path / 'digits'}'", f"run.out='{tmp_path / 'run'}'"]
     )
-    monkeypatch.setattr("pipeline.extract.run", lambda cfg: "extracted")
-    assert demo.run(cfg) == "extracted"
+    for stage in ("extract", "sweep", "train", "evaluate"):
+        monkeypatch.setattr(f"pipeline.{stage}.run", lambda cfg, s=stage: s)
+    assert demo.run(cfg) == demo.DemoResult("extract", "sweep", "train", "evaluate")  # type: ignore[arg-type]
     assert len(list((tmp_path / "digits").rglob("*.png"))) == 1797
