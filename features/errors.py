@@ -59,3 +59,11 @@ class CacheLockedError(CacheError, OSError):
 
 class ExportParityError(PipelineError):
     """An exported model disagrees with the model it was exported from."""
+
+
+class CheckpointError(PipelineError, ValueError):
+    """A training checkpoint is missing, foreign or does not fit the config."""
+
+
+class TrainingError(PipelineError, RuntimeError):
+    """Training cannot go on as configured (out of memory, diverged ...)."""

@@ -76,6 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_stage("evaluate"))
 
+    p = sub.add_parser(
+        "finetune",
+        parents=[common],
+        help="fine-tune the whole network (torchrun for several GPUs)",
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from run.out/finetune/last.pt exactly",
+    )
+    group.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard an existing checkpoint and start over",
+    )
+    p.set_defaults(handler=_finetune)
+
     p = sub.add_parser("layers", parents=[common], help="list a backbone's layer names")
     p.add_argument("backbone", nargs="?", help="backbone name (default: the config's)")
     p.add_argument(
@@ -156,6 +174,10 @@ def _config(args: argparse.Namespace, *, required: bool = True) -> Config:
 
 def _extract(args: argparse.Namespace) -> int:
     return commands.extract(_config(args))
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    return commands.finetune(_config(args), resume=args.resume, restart=args.restart)
 
 
 def _stage(name: str) -> Callable[[argparse.Namespace], int]:

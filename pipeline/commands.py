@@ -19,6 +19,7 @@ from features.extractor import ExtractResult
 from features.layers import TOP, layer_names, layer_shapes, parse_pooling, resolve_top
 from pipeline import evaluate as evaluate_stage
 from pipeline import extract as extract_stage
+from pipeline import finetune as finetune_stage
 from pipeline import sweep as sweep_stage
 from pipeline import train as train_stage
 from pipeline.config import Config
@@ -85,6 +86,29 @@ def format_train(result: train_stage.TrainResult, cfg: Config) -> list[str]:
         f"  model: {result.model_dir}",
         f"  validation curve: {cfg.run.out / 'train_cv.png'}",
     ]
+
+
+def finetune(cfg: Config, *, resume: bool, restart: bool) -> int:
+    """`quadrant finetune`; under torchrun only rank 0 prints and logs to file."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        finetune_stage.run(cfg, resume=resume, restart=restart)
+        return 0
+    with run_log(cfg, "finetune"):
+        result = finetune_stage.run(cfg, resume=resume, restart=restart)
+    out = cfg.run.out
+    stop = " (early stop)" if result.stopped_early else ""
+    print(
+        f"fine-tuned {cfg.backbone.name} ({cfg.finetune.init}) for "
+        f"{result.epochs_run} epochs{stop} in {result.seconds:.0f} s, effective "
+        f"batch {result.effective_batch}"
+    )
+    best = f"{result.best_value:.4f} at epoch {result.best_epoch}"
+    print(f"  best val {result.monitor} {best}")
+    print(f"  model: {result.model_dir}  checkpoint: {out / 'finetune' / 'last.pt'}")
+    print(f"  curves: {out / 'training_curves.png'}  metrics: {out / 'finetune.csv'}")
+    return 0
 
 
 def evaluate(cfg: Config) -> int:

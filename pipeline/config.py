@@ -46,6 +46,9 @@ CLASSIFIERS = ("logistic", "linear_svm", "svm", "sgd")
 PREPROCESS_STEPS = ("standardize", "l2", "pca")
 CLASS_WEIGHTS = ("none", "balanced")
 SCORINGS = ("accuracy", "balanced_accuracy", "f1_macro")
+OPTIMIZERS = ("adamw", "sgd")
+AUGMENTS = ("standard", "trivialaugment", "none")
+MONITORS = ("accuracy", "balanced_accuracy", "loss")
 
 
 def _check_choice(section: str, key: str, value: str, choices: Iterable[str]) -> None:
@@ -302,6 +305,93 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Full fine-tuning of the backbone with a new head (cases 3 and 4).
+
+    `init` "pretrained" starts from backbone.weights, "scratch" from random
+    weights. The first `head_epochs` of `epochs` train the new head only
+    (body and its BatchNorm statistics frozen). `layer_decay` < 1 gives each
+    earlier layer a learning rate `layer_decay` times the next one's.
+    `bn_momentum` replaces the BatchNorm momentum of the network: weights
+    ported from TensorFlow (EfficientNet-Lite) come with 0.01, which leaves
+    the running statistics far behind the weights in a short fine-tune.
+    `channels_last` applies on CUDA only: on the CPU it made training slower.
+    """
+
+    epochs: int = 10
+    init: str = "pretrained"
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    layer_decay: float = 1.0
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    warmup_epochs: float = 1.0
+    head_epochs: int = 0
+    label_smoothing: float = 0.1
+    accumulate: int = 1
+    clip_grad: float = 0.0
+    augment: str = "standard"
+    bn_momentum: float = 0.1
+    monitor: str = "accuracy"
+    patience: int = 0
+    lr_scaling: str = "none"
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    num_workers: int = -1
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("finetune", "init", self.init, ("pretrained", "scratch"))
+        _check_choice("finetune", "optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("finetune", "augment", self.augment, AUGMENTS)
+        _check_choice("finetune", "monitor", self.monitor, MONITORS)
+        _check_choice("finetune", "lr_scaling", self.lr_scaling, ("none", "linear"))
+        _check_choice("finetune", "precision", self.precision, PRECISIONS)
+        if not DEVICES.match(self.device):
+            raise ConfigError(
+                f"[finetune] device = {self.device!r} is not one of auto, cpu, "
+                "cuda, cuda:N, mps"
+            )
+        for key in ("epochs", "batch_size", "accumulate"):
+            if getattr(self, key) < 1:
+                raise ConfigError(
+                    f"[finetune] {key} must be >= 1, got {getattr(self, key)}"
+                )
+        for key in ("head_epochs", "patience"):
+            if getattr(self, key) < 0:
+                raise ConfigError(
+                    f"[finetune] {key} must be >= 0, got {getattr(self, key)}"
+                )
+        if self.head_epochs >= self.epochs:
+            raise ConfigError(
+                f"[finetune] head_epochs ({self.head_epochs}) must be < epochs "
+                f"({self.epochs}): the last epochs train the whole network"
+            )
+        if self.lr <= 0 or not 0 < self.layer_decay <= 1:
+            raise ConfigError(
+                "[finetune] lr must be > 0 and layer_decay in (0, 1], got "
+                f"lr={self.lr}, layer_decay={self.layer_decay}"
+            )
+        for key in ("weight_decay", "warmup_epochs", "clip_grad"):
+            if getattr(self, key) < 0:
+                raise ConfigError(
+                    f"[finetune] {key} must be >= 0, got {getattr(self, key)}"
+                )
+        _check_fraction("finetune", "label_smoothing", self.label_smoothing)
+        if not 0 <= self.bn_momentum <= 1:
+            raise ConfigError(
+                f"[finetune] bn_momentum must be in [0, 1], got {self.bn_momentum}"
+            )
+        if self.num_workers < -1:
+            raise ConfigError(
+                f"[finetune] num_workers must be >= -1, got {self.num_workers}"
+            )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Where a run writes, which case it runs and how it talks."""
 
@@ -328,6 +418,7 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
     source: Path | None = None
 
@@ -343,6 +434,7 @@ SECTIONS: dict[str, type] = {
     "extract": ExtractConfig,
     "sweep": SweepConfig,
     "train": TrainConfig,
+    "finetune": FinetuneConfig,
     "run": RunConfig,
 }
 

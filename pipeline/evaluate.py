@@ -12,9 +12,11 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -25,8 +27,9 @@ from sklearn.metrics import (
 
 from features.cache import atomic_write_text, read_provenance
 from features.codes import load_codes
-from features.errors import DataError
+from features.errors import CacheMismatchError, DataError
 from features.heads import Head, load_head
+from features.transforms import Preprocessing, eval_transform
 from pipeline import extract, plots
 from pipeline.config import Config
 
@@ -67,7 +70,11 @@ def run(cfg: Config) -> EvalResult:
         CacheMismatchError: the model was trained on other codes or classes.
         DataError: the test split is empty.
     """
-    head = load_head(cfg.run.out / "model")
+    folder = cfg.run.out / "model"
+    if _kind(folder) == "finetune":
+        predictions, title = predict_finetuned(cfg, folder)
+        return score(cfg, predictions, title=title)
+    head = load_head(folder)
     predictions = predict_codes(cfg, head)
     return score(
         cfg,
@@ -75,6 +82,69 @@ def run(cfg: Config) -> EvalResult:
         title=f"{head.metadata['classifier']} on "
         f"{head.metadata['layer']}/{head.metadata['pooling']}",
     )
+
+
+def _kind(folder: Path) -> str | None:
+    meta = folder / "model.json"
+    return json.loads(meta.read_text()).get("kind") if meta.is_file() else None
+
+
+def predict_finetuned(cfg: Config, folder: Path) -> tuple[Predictions, str]:
+    """Predict the test split's images with the fine-tuned network."""
+    from features.extractor import resolve_device, resolve_precision
+    from pipeline import finetune, finetune_data
+    from pipeline.extract import load_images
+
+    device = resolve_device(cfg.finetune.device)
+    model, meta = finetune.load_model(folder, device)
+    images = load_images(cfg)
+    if tuple(meta["label_names"]) != images.label_names:
+        raise CacheMismatchError(
+            f"the model was trained on classes {meta['label_names']}, the data has "
+            f"{list(images.label_names)}; run `quadrant finetune` again"
+        )
+    prep = model_preprocessing(meta)
+    dataset = finetune_data.split_dataset(
+        images,
+        "test",
+        eval_transform(prep),
+        prep=prep,
+        seed=cfg.run.seed,
+        max_pixels=cfg.data.max_pixels,
+        background=cfg.data.background,
+    )
+    if len(dataset) == 0:
+        raise DataError(
+            "the test split is empty; set data.test_fraction > 0 or add a test/ folder"
+        )
+    loader = finetune_data.loader(
+        dataset,
+        batch_size=cfg.finetune.batch_size,
+        train=False,
+        workers=0,
+        pin_memory=False,
+        seed=cfg.run.seed,
+    )
+    amp = finetune.AMP[resolve_precision(cfg.finetune.precision, device)]
+    probs, labels, index = finetune.predict_loader(model, loader, device, amp)
+    predicted = probs.argmax(1)
+    paths = np.array([r.path for r in images.records if r.split == "test"])
+    title = f"fine-tuned {meta['backbone']} ({meta['init']})"
+    chosen = probs[torch.arange(len(predicted)), predicted].numpy()
+    predictions = Predictions(
+        labels.numpy(),
+        predicted.numpy(),
+        chosen,
+        paths[index.numpy()],
+        images.label_names,
+        "probability",
+    )
+    return predictions, title
+
+
+def model_preprocessing(meta: dict[str, Any]) -> Preprocessing:
+    """The preprocessing a fine-tuned model was trained with."""
+    return Preprocessing().updated(meta["identity"]["preprocessing"])
 
 
 def predict_codes(cfg: Config, head: Head) -> Predictions:

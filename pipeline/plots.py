@@ -101,6 +101,24 @@ def confusion_plot(
     return _save(fig, path)
 
 
+def training_curves(
+    epochs: Sequence[dict[str, float]], path: Path, *, title: str
+) -> Path:
+    """Loss and accuracy per epoch, training and validation, side by side."""
+    fig, (loss, acc) = plt.subplots(1, 2, figsize=(10, 4))
+    x = [row["epoch"] for row in epochs]
+    for split, style in (("train", "-o"), ("val", "--s")):
+        loss.plot(x, [row[f"{split}_loss"] for row in epochs], style, label=split)
+        acc.plot(x, [row[f"{split}_accuracy"] for row in epochs], style, label=split)
+    for ax, name in ((loss, "loss"), (acc, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def cv_plot(
     values: Sequence[Any],
     mean: Sequence[float],

@@ -72,11 +72,7 @@ def run(cfg: Config) -> TrainResult:
     start = time.perf_counter()
     cache = extract.locate_codes(cfg, cfg.train.codes)
     layer, pooling = _layer(cfg, cache)
-    spec = _spec(cfg)
-    if cfg.train.classifier == "sgd":
-        pipeline, summary, probe, n = _fit_streaming(cfg, spec, cache, layer, pooling)
-    else:
-        pipeline, summary, probe, n = _fit_grid(cfg, spec, cache, layer, pooling)
+    pipeline, summary, probe, n = fit(cfg, cache, layer, pooling)
     val = _val_score(pipeline, cache, layer, pooling)
     result = TrainResult(
         cfg.run.out / "model",
@@ -92,6 +88,22 @@ def run(cfg: Config) -> TrainResult:
     )
     _save(cfg, result, pipeline, summary, probe, cache)
     return result
+
+
+Fitted = tuple[Pipeline, dict[str, Any], npt.NDArray[Any], int]
+
+
+def fit(cfg: Config, cache: Path, layer: str, pooling: str) -> Fitted:
+    """Tune and fit the configured classifier on one code array of a cache.
+
+    Returns:
+        The fitted pipeline, a summary of the search, a few code rows that pin
+        its predictions, and the number of training rows.
+    """
+    spec = _spec(cfg)
+    if cfg.train.classifier == "sgd":
+        return _fit_streaming(cfg, spec, cache, layer, pooling)
+    return _fit_grid(cfg, spec, cache, layer, pooling)
 
 
 def _layer(cfg: Config, cache: Path) -> tuple[str, str]:
@@ -141,7 +153,7 @@ def check_labels(y: npt.NDArray[np.int64], label_names: Sequence[str]) -> int:
 
 def _fit_grid(
     cfg: Config, spec: ClassifierSpec, cache: Path, layer: str, pooling: str
-) -> tuple[Pipeline, dict[str, Any], npt.NDArray[Any], int]:
+) -> Fitted:
     codes = load_codes(cache, layer, pooling, split="train", views=cfg.train.views)
     sweep.check_finite(codes.X, f"{layer}/{pooling}")
     smallest = check_labels(codes.y[codes.views == 0], codes.label_names)
@@ -216,7 +228,7 @@ def _plain(value: Any) -> Any:
 
 def _fit_streaming(
     cfg: Config, spec: ClassifierSpec, cache: Path, layer: str, pooling: str
-) -> tuple[Pipeline, dict[str, Any], npt.NDArray[Any], int]:
+) -> Fitted:
     """SGD with partial_fit over HDF5 chunks; alpha chosen on a held-out tenth.
 
     Only one shuffle buffer of codes is in memory at a time, so this path

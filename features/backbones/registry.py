@@ -119,7 +119,10 @@ def _load(
     name: str, weights: str, input_size: int, num_classes: int | None, seed: int
 ) -> tuple[nn.Module, Path | None, str]:
     if weights == RANDOM:
-        return _architecture(name, input_size, num_classes), None, f"random:seed={seed}"
+        model = _architecture(name, input_size, num_classes)
+        if num_classes is not None:
+            init_new_head(model)
+        return model, None, f"random:seed={seed}"
     if _looks_like_path(weights):
         return _load_checkpoint(name, Path(weights), input_size, num_classes)
     file = _pretrained_file(name, weights)
@@ -187,7 +190,7 @@ def _load_checkpoint(
 ) -> tuple[nn.Module, Path, str]:
     state = _read_state_dict(file)
     model = _architecture(name, input_size, None)
-    head = _head_name(model)
+    head = head_name(model)
     stored = state.get(f"{head}.weight")
     if stored is not None and stored.shape[0] != _num_classes(model):
         # A checkpoint fine-tuned to k classes: rebuild the head to fit it.
@@ -228,7 +231,7 @@ def _key_report(missing: list[str], unexpected: list[str], wrong: list[str]) -> 
     return "; ".join(parts)
 
 
-def _head_name(model: nn.Module) -> str:
+def head_name(model: nn.Module) -> str:
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise BackboneError(f"{type(model).__name__} has no linear classifier")
@@ -236,7 +239,7 @@ def _head_name(model: nn.Module) -> str:
 
 
 def _num_classes(model: nn.Module) -> int:
-    head = dict(model.named_modules())[_head_name(model)]
+    head = dict(model.named_modules())[head_name(model)]
     return int(head.out_features)
 
 
@@ -245,10 +248,26 @@ def _with_new_head(
 ) -> nn.Module:
     """Copy every weight but the classifier's into a model with a new head."""
     fresh = _architecture(name, input_size, num_classes)
-    head = _head_name(fresh)
+    head = head_name(fresh)
     body = {k: v for k, v in model.state_dict().items() if not k.startswith(head + ".")}
     fresh.load_state_dict(body, strict=False)
+    init_new_head(fresh)
     return fresh
+
+
+def init_new_head(model: nn.Module) -> None:
+    """Small random weights and zero bias for a newly created classifier.
+
+    NOTE: architectures initialise their classifier for 1000 classes; some
+    (EfficientNet's uniform(1/sqrt(classes))) scale the weights with the class
+    count, which for a handful of classes gives logits large enough to
+    swamp the first epochs of fine-tuning. A truncated normal with std 0.01,
+    as MAE and DeiT use for new heads, starts near uniform predictions.
+    """
+    head = dict(model.named_modules())[head_name(model)]
+    assert isinstance(head, nn.Linear)
+    nn.init.trunc_normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
 
 
 def sha256_of(file: Path) -> str:

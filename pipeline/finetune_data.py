@@ -1,0 +1,197 @@
+"""Images and labels for fine-tuning: datasets, augmentation, loaders.
+
+Augmentation randomness comes from (seed, epoch, index) only, never from a
+worker's RNG, so an epoch sees the same augmented images with any number of
+workers and after a resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+from features.data import ImageSet
+from features.errors import ImageDecodeError
+from features.images import decode_image
+from features.transforms import Preprocessing, eval_transform
+
+log = logging.getLogger(__name__)
+
+_INTERPOLATIONS = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+}
+
+
+def train_transform(
+    prep: Preprocessing, augment: str
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Training augmentation to a uint8 (3, S, S) tensor.
+
+    "standard" is Inception-style RandomResizedCrop + horizontal flip;
+    "trivialaugment" adds TrivialAugmentWide (Müller & Hutter, 2021); "none"
+    is the evaluation transform.
+    """
+    if augment == "none":
+        return eval_transform(prep)
+    mode = _INTERPOLATIONS[prep.interpolation]
+    steps: list[Any] = [
+        T.RandomResizedCrop(prep.input_size, interpolation=mode, antialias=True),
+        T.RandomHorizontalFlip(),
+    ]
+    if augment == "trivialaugment":
+        steps.append(T.TrivialAugmentWide(interpolation=mode))
+    steps.append(T.PILToTensor())
+    return T.Compose(steps)
+
+
+Item = tuple[torch.Tensor, int, int, bool]
+
+
+class LabelledImages(Dataset[Item]):
+    """(uint8 image tensor, label, index, decoded?) for the records of a split."""
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        labels: Sequence[int],
+        transform: Callable[[Image.Image], torch.Tensor],
+        *,
+        size: int,
+        seed: int,
+        max_pixels: int,
+        background: tuple[int, ...],
+    ) -> None:
+        self.files = list(files)
+        self.labels = list(labels)
+        self.transform = transform
+        self.size = size
+        self.seed = seed
+        self.max_pixels = max_pixels
+        self.background = background
+        self.epoch = 0  # set before each epoch: part of every sample's seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Item:
+        try:
+            image = decode_image(
+                self.files[index],
+                max_pixels=self.max_pixels,
+                background=tuple(self.background),  # type: ignore[arg-type]
+            )
+        except ImageDecodeError as err:
+            log.warning("skipping %s", err)
+            blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+            return blank, -1, index, False
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_sample_seed(self.seed, self.epoch, index))
+            return self.transform(image), self.labels[index], index, True
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{epoch}:{index}".encode()).digest()
+    return int.from_bytes(digest[:7])
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def collate(batch: list[Item]) -> Batch:
+    """Stack (images, labels, indices), dropping images that failed to decode."""
+    kept = [(x, y, i) for x, y, i, ok in batch if ok]
+    if not kept:
+        empty = torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), empty, empty
+    images = torch.stack([x for x, _, _ in kept])
+    labels = torch.tensor([y for _, y, _ in kept])
+    return images, labels, torch.tensor([i for _, _, i in kept])
+
+
+def split_dataset(
+    images: ImageSet,
+    split: str,
+    transform: Callable[[Image.Image], torch.Tensor],
+    *,
+    prep: Preprocessing,
+    seed: int,
+    max_pixels: int,
+    background: tuple[int, ...],
+) -> LabelledImages:
+    """The labelled images of one split."""
+    records = [r for r in images.records if r.split == split]
+    return LabelledImages(
+        [images.absolute(r) for r in records],
+        [r.label for r in records],
+        transform,
+        size=prep.input_size,
+        seed=seed,
+        max_pixels=max_pixels,
+        background=background,
+    )
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation seeded by (seed, epoch): the same order after a resume."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Any:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def loader(
+    dataset: LabelledImages,
+    *,
+    batch_size: int,
+    train: bool,
+    workers: int,
+    pin_memory: bool,
+    seed: int,
+    world: int = 1,
+    rank: int = 0,
+) -> DataLoader[Any]:
+    """A DataLoader; training shuffles per epoch (distributed when world > 1)."""
+    sampler: Sampler[int] | None = None
+    if train:
+        sampler = (
+            DistributedSampler(
+                dataset, num_replicas=world, rank=rank, seed=seed, drop_last=True
+            )
+            if world > 1
+            else EpochSampler(len(dataset), seed)
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        drop_last=train,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        collate_fn=collate,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )

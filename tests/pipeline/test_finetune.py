@@ -1,0 +1,298 @@
+"""The fine-tune path: a real short fine-tune, exact resume, DDP, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from features import datasets
+from features.errors import CheckpointError, DataError, TrainingError
+from pipeline import evaluate, finetune
+from pipeline.config import Config, load_config
+from tests.conftest import write_png
+
+FASHION = datasets.DEFAULT_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz"
+needs_fashion = pytest.mark.skipif(
+    not FASHION.exists(),
+    reason="apt-get install dataset-fashion-mnist (CI installs it)",
+)
+
+# resnet18 from scratch at 32 px: seconds per epoch on a CPU.
+TINY = [
+    "backbone.name=resnet18",
+    "backbone.input_size=32",
+    "backbone.resize_size=32",
+    "finetune.init=scratch",
+    "finetune.batch_size=8",
+    "finetune.num_workers=0",
+    "finetune.warmup_epochs=0",
+    "run.progress=false",
+]
+
+
+def config(root: Path, out: Path, *extra: str) -> Config:
+    return load_config(None, [f"data.root='{root}'", f"run.out='{out}'", *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not FASHION.exists():
+        pytest.skip("apt-get install dataset-fashion-mnist (CI installs it)")
+    root = tmp_path_factory.mktemp("fashion") / "fm"
+    return datasets.write_fashion_mnist(
+        root, classes=["trouser", "bag", "sneaker"], per_class=30, split="both"
+    )
+
+
+@needs_fashion
+def test_finetune_learns_and_evaluates(fashion: Path, tmp_path: Path) -> None:
+    cfg = load_config(
+        None,
+        [
+            f"data.root='{fashion}'",
+            f"run.out='{tmp_path}'",
+            "backbone.name=efficientnet_lite0",
+            "backbone.input_size=32",
+            "finetune.epochs=4",
+            "finetune.batch_size=9",
+            "finetune.num_workers=0",
+            "finetune.lr=0.002",
+            "finetune.warmup_epochs=0.5",
+            "run.progress=false",
+        ],
+    )
+    result = finetune.run(cfg)
+    history = json.loads((tmp_path / "finetune.json").read_text())["epochs"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert result.epochs_run == 4 and result.best_value > 0.6  # chance: 1/3
+    for name in (
+        "model/model.pt",
+        "model/model.json",
+        "finetune/last.pt",
+        "finetune.csv",
+        "training_curves.png",
+    ):
+        assert (tmp_path / name).is_file(), name
+    metrics = evaluate.run(cfg)
+    assert metrics.accuracy > 0.6 and metrics.n_test == 15
+    assert json.loads((tmp_path / "metrics.json").read_text())["n_test"] == 15
+
+
+def _images(root: Path, classes: int = 2, per_class: int = 12) -> Path:
+    for c in range(classes):
+        for i in range(per_class):
+            write_png(root / f"c{c}" / f"{i:02d}.png", seed=100 * c + i)
+    return root
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(out / "finetune" / "last.pt", weights_only=True)
+    return state["model"]
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _images(tmp_path / "data")
+    extra = ("finetune.epochs=2", "finetune.deterministic=true")
+    finetune.run(config(root, tmp_path / "straight", *extra))
+
+    real = finetune.write_history
+
+    def killed_after_first_epoch(*args: object) -> None:
+        raise KeyboardInterrupt  # the checkpoint of epoch 1 is already on disk
+
+    monkeypatch.setattr(finetune, "write_history", killed_after_first_epoch)
+    cfg = config(root, tmp_path / "resumed", *extra)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(cfg)
+    assert (
+        torch.load(tmp_path / "resumed" / "finetune" / "last.pt", weights_only=True)[
+            "epoch"
+        ]
+        == 1
+    )
+    monkeypatch.setattr(finetune, "write_history", real)
+    finetune.run(cfg, resume=True)
+    straight, resumed = (
+        _final_weights(tmp_path / "straight"),
+        _final_weights(tmp_path / "resumed"),
+    )
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_existing_checkpoint_needs_resume_or_restart(tmp_path: Path) -> None:
+    root = _images(tmp_path / "data")
+    cfg = config(root, tmp_path / "run", "finetune.epochs=1")
+    finetune.run(cfg)
+    with pytest.raises(
+        CheckpointError,
+        match=r"after epoch 1 exists .*--resume .*"
+        r"--restart",
+    ):
+        finetune.run(cfg)
+    assert finetune.run(cfg, restart=True).epochs_run == 1
+
+
+def test_resume_refuses_a_checkpoint_of_another_backbone(tmp_path: Path) -> None:
+    root = _images(tmp_path / "data")
+    finetune.run(config(root, tmp_path / "run", "finetune.epochs=2"))
+    other = config(
+        root, tmp_path / "run", "finetune.epochs=2", "backbone.name=resnet34"
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"belongs to another setup:\n  "
+        r"backbone.name: expected 'resnet34', found 'resnet18'",
+    ):
+        finetune.run(other, resume=True)
+
+
+def test_resume_refuses_another_class_list(tmp_path: Path) -> None:
+    root = _images(tmp_path / "data")
+    finetune.run(config(root, tmp_path / "run", "finetune.epochs=2"))
+    _images(tmp_path / "data", classes=3)
+    with pytest.raises(
+        CheckpointError,
+        match=r"trained on classes \['c0', 'c1'\], the "
+        r"data now has \['c0', 'c1', 'c2'\]",
+    ):
+        finetune.run(config(root, tmp_path / "run", "finetune.epochs=2"), resume=True)
+
+
+def test_too_few_images_for_a_batch(tmp_path: Path) -> None:
+    root = _images(tmp_path / "data")
+    with pytest.raises(
+        DataError,
+        match=r"training split has \d+ images, fewer than one "
+        r"batch \(finetune.batch_size = 64",
+    ):
+        finetune.run(config(root, tmp_path / "run", "finetune.batch_size=64"))
+
+
+def test_class_missing_from_validation(tmp_path: Path) -> None:
+    for split, classes in (
+        ("train", ("a", "b")),
+        ("val", ("a",)),
+        ("test", ("a", "b")),
+    ):
+        for c in classes:
+            for i in range(10 if split == "train" else 2):
+                write_png(tmp_path / "data" / split / c / f"{i}.png", seed=i)
+    with pytest.raises(DataError, match=r"\['b'\] have no validation images"):
+        finetune.run(config(tmp_path / "data", tmp_path / "run"))
+
+
+def test_out_of_memory_keeps_the_checkpoint_and_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def oom(*args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(finetune, "train_one_epoch", oom)
+    with pytest.raises(
+        TrainingError,
+        match=r"out of GPU memory at finetune.batch_size "
+        r"= 8: lower it, and raise finetune.accumulate.*--resume",
+    ):
+        finetune.run(config(_images(tmp_path / "data"), tmp_path / "run"))
+
+
+def test_head_only_epochs_leave_the_body_untouched(tmp_path: Path) -> None:
+    root = _images(tmp_path / "data")
+    cfg = config(
+        root,
+        tmp_path / "run",
+        "finetune.epochs=2",
+        "finetune.head_epochs=1",
+        "finetune.init=pretrained",
+        "backbone.weights=random",
+    )
+    model, _, _ = finetune.build_model(cfg, 2, torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with finetune._frozen_body(model):
+        trainable = [n for n, p in model.net.named_parameters() if p.requires_grad]
+        assert trainable == ["fc.weight", "fc.bias"]
+        assert not model.net.bn1.training or not model.training
+        model.train()
+        with finetune._frozen_body(model):
+            assert not model.net.layer1[0].bn1.training  # statistics frozen
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_param_groups_decay_the_learning_rate_towards_the_input() -> None:
+    from torchvision.models import resnet18
+
+    model = resnet18()
+    groups = finetune.param_groups(model, lr=1.0, layer_decay=0.5, weight_decay=0.1)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(model.fc.weight)]["lr"] == 1.0
+    assert by_param[id(model.layer4[1].conv1.weight)]["lr"] == 0.5
+    assert (
+        by_param[id(model.conv1.weight)]["lr"]
+        < by_param[id(model.layer1[0].conv1.weight)]["lr"]
+    )
+    assert by_param[id(model.fc.bias)]["weight_decay"] == 0.0
+    assert by_param[id(model.fc.weight)]["weight_decay"] == 0.1
+
+
+def test_scheduler_warms_up_linearly_then_decays_to_zero() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = finetune.build_scheduler(optimizer, total_steps=10, warmup_steps=2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert lrs[3] > lrs[6] > lrs[9] >= 0
+
+
+def test_ddp_with_two_gloo_processes(tmp_path: Path) -> None:
+    """torchrun --nproc-per-node 2 on the CPU: gloo, rank 0 writes."""
+    root = _images(tmp_path / "data", per_class=20)
+    (tmp_path / "conf.toml").write_text(
+        f'[data]\nroot = "{root}"\n[run]\nout = "run"\n'
+    )
+    sets = [
+        a
+        for item in [*TINY, "finetune.epochs=2", "finetune.batch_size=4"]
+        for a in ("--set", item)
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29517",
+            "-m",
+            "pipeline",
+            "finetune",
+            *sets,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "effective batch 8 (4 x 1 accumulation x 2 processes)" in done.stderr
+    assert done.stdout.count("fine-tuned resnet18") == 1  # only rank 0 reports
+    history = json.loads((tmp_path / "run" / "finetune.json").read_text())["epochs"]
+    assert len(history) == 2
+    state = torch.load(tmp_path / "run" / "finetune" / "last.pt", weights_only=True)
+    assert state["epoch"] == 2
