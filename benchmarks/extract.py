@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -213,7 +214,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{args.images} {args.format} files of {args.size}px"
     )
-    bare, e2e, secs, naive = [], [], [], []
+    bare, e2e, secs, naive, onnx = [], [], [], [], []
     by_workers: dict[int, list[float]] = {0: [], 1: [], 2: []}
     for i in range(args.repeats):  # interleaved: drifts in machine load hit all
         cfg = config(args, data, tmp / f"run{i}")
@@ -222,6 +223,17 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         e2e.append(rate)
         secs.append(seconds)
         naive.append(naive_forward(cfg, min(args.images, 4 * args.batch)))
+        ort_cfg = config(args, data, tmp / f"ort{i}", "extract.engine='onnxruntime'")
+        # The engine's one-off export is not part of the rate: export it once
+        # and give every run a copy beside its cache.
+        if i == 0:
+            extract.run(
+                config(args, data, tmp / "ort-warm", "extract.engine='onnxruntime'")
+            )
+        (tmp / f"ort{i}" / "cache").mkdir(parents=True, exist_ok=True)
+        for engine in (tmp / "ort-warm" / "cache").glob("engine-*.onnx"):
+            shutil.copy(engine, tmp / f"ort{i}" / "cache" / engine.name)
+        onnx.append(end_to_end(ort_cfg)[0])
         for workers, rates in by_workers.items():
             cfg = config(
                 args, data, tmp / f"w{workers}-{i}", f"extract.num_workers={workers}"
@@ -233,6 +245,10 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     print(
         f"naive forward (plain fp32 model)  {n:8.1f} img/s   quadrant e2e / naive "
         f"{e / n:.2f}x"
+    )
+    o = statistics.median(onnx)
+    print(
+        f"end-to-end, onnxruntime engine    {o:8.1f} img/s   {o / e:.2f}x torch engine"
     )
     for workers, rates in by_workers.items():
         rate = statistics.median(rates)

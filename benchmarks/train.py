@@ -58,13 +58,11 @@ def prepare(work: Path) -> Path:
     if not data.exists():
         write_fashion_mnist(data, split="both")
     start = time.perf_counter()
-    result = extract.run(config(work))
-    print(
-        f"# codes: {result.path} ({result.n_images} images, "
-        f"{'reused' if result.reused else f'{time.perf_counter() - start:.0f} s'})",
-        flush=True,
-    )
-    return result.path
+    # locate_codes also accepts codes that differ only in compute settings.
+    path = extract.locate_codes(config(work))
+    seconds = time.perf_counter() - start
+    print(f"# codes: {path} ({seconds:.0f} s to find or extract)", flush=True)
+    return path
 
 
 def subset_cache(full: Path, size: int, seed: int = 0) -> Path:
@@ -77,7 +75,8 @@ def subset_cache(full: Path, size: int, seed: int = 0) -> Path:
     keep: list[int] = []
     for label in np.unique(codes.y):
         rows = np.flatnonzero(codes.y == label)
-        keep += rng.choice(rows, size * len(rows) // len(codes), replace=False).tolist()
+        chosen = rng.choice(rows, size * len(rows) // len(codes), replace=False)
+        keep += codes.groups[chosen].tolist()  # image indices in the file
     with h5py.File(full, "r") as src:
         split = src["images/split"].asstr()[:]
         images = np.sort(

@@ -86,6 +86,14 @@ class ImageSet:
         """The folder record paths are relative to (the CSV's folder for a manifest)."""
         return self.root.parent if self.root.is_file() else self.root
 
+    def subset(
+        self, records: Sequence[ImageRecord], *, fingerprint: str = "stat"
+    ) -> ImageSet:
+        """The same data set restricted to `records` (label names kept)."""
+        chosen = tuple(sorted(records, key=lambda r: r.path))
+        digest = _fingerprint(self.base, chosen, self.label_names, (), fingerprint)
+        return ImageSet(self.root, chosen, self.label_names, (), digest)
+
     def counts(self) -> dict[str, Counter[str]]:
         """Images per class name, per split."""
         out: dict[str, Counter[str]] = {s: Counter() for s in SPLITS}

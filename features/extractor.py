@@ -67,7 +67,7 @@ from features.transforms import (
 
 log = logging.getLogger(__name__)
 
-_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ class ExtractOptions:
     background: tuple[int, ...] = (255, 255, 255)
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
+    engine: str = "torch"
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,7 @@ class _RowDataset(Dataset[tuple[int, torch.Tensor, bool, str]]):
             image = decode_image(
                 file,
                 max_pixels=self.options.max_pixels,
-                background=tuple(self.options.background),  # type: ignore[arg-type]
+                background=self.options.background,
             )
         except ImageDecodeError as err:
             blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
@@ -421,7 +422,7 @@ def _forward(
 ) -> None:
     rows = [row for shard in todo for row in store.rows(shard)]
     loader = _loader(model, images, table, rows, options, device)
-    compute = CodeRunner(model, options, device, precision)
+    compute = _runner(model, store, options, device, precision)
     shards = _ShardBuffer(store)
     total = len(table.row_image)
     with progress_bar(
@@ -431,6 +432,31 @@ def _forward(
             codes = compute(pixels)
             shards.add(batch_rows.numpy(), codes, ok.numpy(), list(reasons))
             bar.update(len(batch_rows))
+
+
+def _runner(
+    model: CodeModel,
+    store: ShardStore,
+    options: ExtractOptions,
+    device: torch.device,
+    precision: str,
+) -> Any:
+    if options.engine == "torch":
+        return CodeRunner(model, options, device, precision)
+    from features.onnx_engine import OnnxRunner, export_code_model
+
+    # Exported once per network and layers, beside the code caches.
+    identity = {
+        "backbone": model.identity,
+        "specs": [s.name for s in model.specs],
+        "preprocessing": model.preprocessing.as_dict(),
+        "fold": model.folded,
+    }
+    path = store.parts.parent / f"engine-{cache_key(identity)[:16]}.onnx"
+    if not path.exists():
+        size = model.preprocessing.input_size
+        export_code_model(model, model.specs, size, path)
+    return OnnxRunner(path, [s.name for s in model.specs], device)
 
 
 def progress_bar(total: int, *, initial: int = 0, desc: str, enabled: bool) -> tqdm:
@@ -497,7 +523,7 @@ class CodeRunner:
         self.model = model.to(device).eval()
         if self.format is not None:
             self.model = self.model.to(memory_format=self.format)
-        self.amp = _PRECISIONS[precision]
+        self.amp = PRECISION_DTYPES[precision]
 
     def __call__(self, pixels: torch.Tensor) -> dict[str, npt.NDArray[np.float32]]:
         parts = [self._run(chunk) for chunk in pixels.split(self.chunk)]
@@ -579,6 +605,7 @@ def _provenance(
         "dtype": options.dtype,
         "batch_size": options.batch_size,
         "compute": {
+            "engine": options.engine,
             "device": device.type,
             "precision": precision,
             "channels_last": options.channels_last,

@@ -107,7 +107,7 @@ def decode_image(
     path: Path,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    background: tuple[int, int, int] = (255, 255, 255),
+    background: tuple[int, ...] = (255, 255, 255),
 ) -> Image.Image:
     """Decode an image file into a fully loaded 8-bit RGB image.
 
@@ -142,7 +142,7 @@ def decode_image(
 def to_rgb(
     image: Image.Image | npt.NDArray[np.generic],
     *,
-    background: tuple[int, int, int] = (255, 255, 255),
+    background: tuple[int, ...] = (255, 255, 255),
 ) -> Image.Image:
     """Convert an image of any common mode, or a numpy array, to 8-bit RGB.
 
@@ -331,7 +331,7 @@ def _apply_exif_orientation(path: Path, image: Image.Image) -> None:
         logger.warning("%s: ignoring unreadable EXIF orientation (%s)", path, error)
 
 
-def _check_background(background: tuple[int, int, int]) -> None:
+def _check_background(background: tuple[int, ...]) -> None:
     """Refuse a background that is not an RGB triple of 8-bit integers."""
     if len(background) != 3 or not all(
         isinstance(value, int) and 0 <= value <= 255 for value in background
@@ -350,7 +350,7 @@ def _has_transparency(image: Image.Image) -> bool:
     return palette is not None and palette.mode == "RGBA"
 
 
-def _composite(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+def _composite(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
     """Alpha-composite `image` over a solid `background` and drop the alpha."""
     # NOTE: compositing (not dropping alpha) matters: fully transparent pixels
     # often hold arbitrary RGB that would otherwise leak into the features.

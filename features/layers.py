@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torchvision.models.feature_extraction import (
     create_feature_extractor,
@@ -32,6 +31,7 @@ from features.errors import BackboneError
 TOP = "top"
 _GRID = re.compile(r"^grid:(\d+)$")
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,25 @@ def pool(tensor: torch.Tensor, pooling: Pooling) -> torch.Tensor:
         return tensor.amax(dim=(2, 3))
     if pooling.kind == "avg+max":
         return torch.cat([tensor.mean(dim=(2, 3)), tensor.amax(dim=(2, 3))], dim=1)
-    grid = F.adaptive_avg_pool2d(tensor, pooling.grid)
-    return grid.flatten(1)
+    return _grid(tensor, pooling.grid)
+
+
+def _grid(tensor: torch.Tensor, k: int) -> torch.Tensor:
+    """adaptive_avg_pool2d(tensor, k).flatten(1), written out cell by cell.
+
+    NOTE: the same bins as PyTorch's adaptive pooling (start floor(i*h/k),
+    end ceil((i+1)*h/k)), spelled as slices so the ONNX exporter can trace it
+    (its adaptive_avg_pool2d needs sizes it cannot see here).
+    """
+    h, w = int(tensor.shape[-2]), int(tensor.shape[-1])
+    rows = [(i * h // k, -(-(i + 1) * h // k)) for i in range(k)]
+    cols = [(j * w // k, -(-(j + 1) * w // k)) for j in range(k)]
+    cells = [
+        tensor[:, :, r0:r1, c0:c1].mean(dim=(2, 3))
+        for r0, r1 in rows
+        for c0, c1 in cols
+    ]
+    return torch.stack(cells, dim=2).flatten(1)
 
 
 def pooled_name(shape: Sequence[int], pooling: Pooling) -> str:
@@ -221,3 +238,25 @@ def layer_shapes(
     extractor = build_feature_extractor(model, resolve_layers(model, layers))
     outputs = extractor(torch.zeros(1, 3, input_size, input_size))
     return {layer: tuple(outputs[layer].shape[1:]) for layer in layers}
+
+
+def spread_layers(model: nn.Module, input_size: int, count: int = 5) -> list[str]:
+    """`count` layers spread evenly over the network's depth, then "top".
+
+    Candidates are the module paths of `layer_names` that own parameters,
+    are not normalisation layers, and output spatial maps (stems, blocks,
+    stages), so the advisor's sweep sees early, middle and late features of
+    any backbone.
+    """
+    modules = dict(model.named_modules())
+    owners = {n for n, _ in model.named_parameters()}
+    candidates = [
+        n
+        for n in layer_names(model)
+        if any(o.startswith(n + ".") for o in owners)
+        and not isinstance(modules.get(n), _NORMS)
+    ]
+    shapes = layer_shapes(model, candidates, input_size)
+    spatial = [n for n in candidates if len(shapes[n]) == 3]
+    picks = [round(i * (len(spatial) - 1) / count) for i in range(1, count + 1)]
+    return [*dict.fromkeys(spatial[i] for i in picks), TOP]

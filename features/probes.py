@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
@@ -166,3 +168,111 @@ def _usable_folds(labels: npt.NDArray[np.integer[Any]], folds: int) -> int:
             "cross-validation needs at least two per class"
         )
     return int(min(folds, counts.min()))
+
+
+# ---------------------------------------------------------------------------
+# Similarity to the backbone's original data, without any training
+
+
+@dataclass(frozen=True)
+class DomainStatistics:
+    """How the backbone itself reacts to the new images.
+
+    Attributes:
+        bn_shift: mean over BatchNorm layers of the KL divergence, per channel
+            and averaged, from a Gaussian with the new images' input statistics
+            to one with the running statistics the layer learned on the
+            original data (the shift AdaBN corrects). About 0 for data like
+            the original; larger for other domains.
+        bn_shift_layers: the same per layer, input to output.
+        confidence: mean top-1 probability of the backbone's own classifier.
+        entropy: mean normalised entropy of its predictions (0 sure, 1 uniform).
+        classes_used: effective number of its original classes it predicts
+            (exp of the entropy of the predicted-class histogram).
+        images: how many images were measured.
+    """
+
+    bn_shift: float
+    bn_shift_layers: tuple[float, ...]
+    confidence: float
+    entropy: float
+    classes_used: float
+    images: int
+
+
+def domain_statistics(
+    model: torch.nn.Module, batches: Iterable[torch.Tensor]
+) -> DomainStatistics:
+    """Measure BatchNorm input shift and original-class predictions.
+
+    Args:
+        model: the backbone (its original classifier on), taking normalised
+            float images.
+        batches: normalised image batches (N, 3, S, S).
+    """
+    model = model.eval()
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+        and m.track_running_stats
+        and m.running_mean is not None
+    ]
+    sums: dict[int, list[torch.Tensor]] = {id(m): [] for m in norms}
+
+    def hook(
+        module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], _: object
+    ) -> None:
+        x = inputs[0].detach().double()
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        stats = sums[id(module)]
+        part = torch.stack([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))])
+        if stats:
+            stats[0] += part
+            stats[1] += count
+        else:
+            stats.extend([part, torch.tensor(float(count), dtype=torch.float64)])
+
+    handles = [m.register_forward_hook(hook) for m in norms]
+    probs = []
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                probs.append(torch.softmax(model(batch).double(), dim=1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _summarise(norms, sums, torch.cat(probs))
+
+
+def _summarise(
+    norms: list[torch.nn.BatchNorm2d],
+    sums: dict[int, list[torch.Tensor]],
+    probs: torch.Tensor,
+) -> DomainStatistics:
+    shifts = []
+    for m in norms:
+        (total, squares), count = sums[id(m)][0], sums[id(m)][1]
+        mean = total / count
+        var = (squares / count - mean**2).clamp_min(1e-12)
+        assert m.running_mean is not None and m.running_var is not None
+        run_mean = m.running_mean.double()
+        run_var = m.running_var.double() + m.eps
+        # KL(N(mean, var) || N(run_mean, run_var)) per channel, averaged.
+        kl = 0.5 * (
+            torch.log(run_var / var) + (var + (mean - run_mean) ** 2) / run_var - 1
+        )
+        shifts.append(float(kl.mean()))
+    k = probs.shape[1]
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1) / math.log(k)
+    top = probs.argmax(1)
+    share = torch.bincount(top, minlength=k).double() / len(top)
+    used = math.exp(float(-(share * share.clamp_min(1e-12).log()).sum()))
+    return DomainStatistics(
+        bn_shift=float(np.mean(shifts)) if shifts else float("nan"),
+        bn_shift_layers=tuple(shifts),
+        confidence=float(probs.max(1).values.mean()),
+        entropy=float(entropy.mean()),
+        classes_used=used,
+        images=len(probs),
+    )

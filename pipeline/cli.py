@@ -94,6 +94,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_finetune)
 
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write model.onnx (images in, scores out) and check it",
+    )
+    p.set_defaults(handler=_stage("export"))
+
+    p = sub.add_parser(
+        "predict",
+        parents=[common],
+        help="predict images (files, folders, CSV) with an ONNX model",
+    )
+    p.add_argument("model", type=Path, help="a model.onnx written by quadrant export")
+    p.add_argument("paths", nargs="+", type=Path, help="image files, folders or a CSV")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("predictions.csv"),
+        help="CSV to write (default: predictions.csv)",
+    )
+    p.add_argument("--top-k", type=int, default=3, help="best classes listed per image")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(handler=_predict)
+
+    p = sub.add_parser(
+        "advise",
+        parents=[common],
+        help="measure size and similarity, name the case (1-4)",
+    )
+    p.set_defaults(handler=_stage("advise"))
+
+    p = sub.add_parser(
+        "run", parents=[common], help="the whole job: advise, the case's stages, report"
+    )
+    p.add_argument(
+        "--predict",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="PATH",
+        help="also predict these images with the exported model",
+    )
+    p.set_defaults(handler=_run)
+
+    p = sub.add_parser("report", parents=[common], help="re-render report.html")
+    p.set_defaults(handler=_stage("report"))
+
     p = sub.add_parser("layers", parents=[common], help="list a backbone's layer names")
     p.add_argument("backbone", nargs="?", help="backbone name (default: the config's)")
     p.add_argument(
@@ -178,6 +226,21 @@ def _extract(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     return commands.finetune(_config(args), resume=args.resume, restart=args.restart)
+
+
+def _run(args: argparse.Namespace) -> int:
+    return commands.run(_config(args), predict_paths=args.predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    return commands.predict(
+        args.model,
+        args.paths,
+        out=args.out,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
 
 
 def _stage(name: str) -> Callable[[argparse.Namespace], int]:

@@ -18,6 +18,7 @@ from features.errors import CacheCorruptError
 from features.extractor import ExtractResult
 from features.layers import TOP, layer_names, layer_shapes, parse_pooling, resolve_top
 from pipeline import evaluate as evaluate_stage
+from pipeline import export as export_stage
 from pipeline import extract as extract_stage
 from pipeline import finetune as finetune_stage
 from pipeline import sweep as sweep_stage
@@ -108,6 +109,97 @@ def finetune(cfg: Config, *, resume: bool, restart: bool) -> int:
     print(f"  best val {result.monitor} {best}")
     print(f"  model: {result.model_dir}  checkpoint: {out / 'finetune' / 'last.pt'}")
     print(f"  curves: {out / 'training_curves.png'}  metrics: {out / 'finetune.csv'}")
+    return 0
+
+
+def export(cfg: Config) -> int:
+    """`quadrant export`."""
+    with run_log(cfg, "export"):
+        result = export_stage.run(cfg)
+    print(
+        f"exported {result.path} ({result.size_bytes / 2**20:.1f} MiB, {result.kind})"
+    )
+    print(
+        f"  checked against the source model on {result.parity_images} held-out "
+        f"images: max |score difference| {result.max_abs_diff:.2g}, labels equal"
+    )
+    for name, v in result.variants.items():
+        print(
+            f"  {name}: {v.path} ({v.size_bytes / 2**20:.1f} MiB), test accuracy "
+            f"{v.accuracy:.4f} vs fp32 {v.fp32_accuracy:.4f} "
+            f"({100 * (v.accuracy - v.fp32_accuracy):+.2f} points)"
+        )
+    return 0
+
+
+def predict(
+    model: Path,
+    paths: Sequence[Path],
+    *,
+    out: Path,
+    top_k: int,
+    batch_size: int,
+    device: str,
+) -> int:
+    """`quadrant predict MODEL.onnx PATH...`."""
+    from pipeline import predict as predict_stage
+
+    result = predict_stage.run(
+        model, paths, out=out, top_k=top_k, batch_size=batch_size, device=device
+    )
+    print(
+        f"predicted {result.predicted} images ({result.failed} unreadable, listed "
+        f"with their error) -> {result.out} [{result.provider}]"
+    )
+    return 0
+
+
+def advise(cfg: Config) -> int:
+    """`quadrant advise`."""
+    from pipeline import advise as advise_stage
+
+    with run_log(cfg, "advise"):
+        advice = advise_stage.run(cfg)
+    print("\n".join(advise_stage.summary_lines(advice)))
+    print(f"advice: {cfg.run.out / 'advice.json'}")
+    return 0
+
+
+def run(cfg: Config, *, predict_paths: Sequence[Path] = ()) -> int:
+    """`quadrant run`: the whole job."""
+    from pipeline import advise as advise_stage
+    from pipeline import run as run_stage
+
+    with run_log(cfg, "run"):
+        result = run_stage.run(cfg, predict_paths=predict_paths)
+    if result.advice is not None:
+        print("\n".join(advise_stage.summary_lines(result.advice)))
+    else:
+        print(f"case {result.case} (run.strategy = {cfg.run.strategy!r})")
+    print("\n".join(evaluate_stage.summary_lines(result.evaluation)))
+    print(f"model: {result.export.path}")
+    if result.predictions:
+        print(f"predictions: {result.predictions}")
+    if result.reused:
+        print(f"reused: {', '.join(result.reused)}")
+    print(f"report: {result.report}")
+    return 0
+
+
+def report(cfg: Config) -> int:
+    """`quadrant report`: render report.html again from run.out."""
+    import json
+
+    from pipeline import report as report_stage
+
+    summary = cfg.run.out / "run.json"
+    if not summary.is_file():
+        from features.errors import StageInputError
+
+        raise StageInputError(f"{summary} not found; run `quadrant run` first")
+    data = json.loads(summary.read_text())
+    path = report_stage.write(cfg, data["case"], data["timings"], data["reused"])
+    print(f"report: {path}")
     return 0
 
 

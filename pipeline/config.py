@@ -145,6 +145,16 @@ class BackboneConfig:
                 ("nearest", "bilinear", "bicubic"),
             )
 
+    def preprocessing(self) -> dict[str, Any]:
+        """The preprocessing overrides (None keeps the backbone's own)."""
+        return {
+            "input_size": self.input_size,
+            "resize_size": self.resize_size,
+            "mean": self.mean,
+            "std": self.std,
+            "interpolation": self.interpolation,
+        }
+
 
 @dataclass(frozen=True)
 class ExtractConfig:
@@ -167,6 +177,7 @@ class ExtractConfig:
     compression: str = "none"
     views: int = 1
     shard_size: int = 1024
+    engine: str = "torch"
     cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -195,6 +206,7 @@ class ExtractConfig:
         _check_choice("extract", "precision", self.precision, PRECISIONS)
         _check_choice("extract", "dtype", self.dtype, STORAGE_DTYPES)
         _check_choice("extract", "compression", self.compression, COMPRESSIONS)
+        _check_choice("extract", "engine", self.engine, ("torch", "onnxruntime"))
         if self.num_workers < -1:
             raise ConfigError(
                 "[extract] num_workers must be -1 (auto), 0 (main process) or "
@@ -392,6 +404,74 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """One ONNX file: images in, class scores and the label index out.
+
+    Every export is checked (onnx.checker, then onnxruntime against the
+    PyTorch / scikit-learn model on `parity_images` held-out images, within
+    `atol` / `rtol`). `fp16` and `int8` also write converted copies and
+    report their accuracy change on the test split. `int8 = "static"`
+    calibrates activation ranges on `calibration_images` training images (QDQ,
+    per-channel weights); "dynamic" quantises weights only, which suits
+    MatMul-heavy models and measured far worse on CNNs (docs/benchmarks.md).
+    """
+
+    opset: int = 17
+    input_dtype: str = "uint8"
+    fp16: bool = False
+    int8: str = "none"
+    calibration_images: int = 64
+    parity_images: int = 32
+    atol: float = 1e-4
+    rtol: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if not 13 <= self.opset <= 21:
+            raise ConfigError(f"[export] opset must be in 13..21, got {self.opset}")
+        _check_choice("export", "input_dtype", self.input_dtype, ("uint8", "float32"))
+        _check_choice("export", "int8", self.int8, ("none", "static", "dynamic"))
+        if self.calibration_images < 1:
+            raise ConfigError(
+                "[export] calibration_images must be >= 1, got "
+                f"{self.calibration_images}"
+            )
+        if self.parity_images < 1:
+            raise ConfigError(
+                f"[export] parity_images must be >= 1, got {self.parity_images}"
+            )
+        if self.atol <= 0 or self.rtol < 0:
+            raise ConfigError(
+                f"[export] atol must be > 0 and rtol >= 0, got {self.atol}, {self.rtol}"
+            )
+
+
+@dataclass(frozen=True)
+class AdviseConfig:
+    """How the advisor measures size and similarity (docs/advisor.md).
+
+    The data is "large" when the median number of training images per class
+    reaches `large_per_class`. It is "similar" to the backbone's original
+    data when no earlier layer's linear probe beats the top layer's by more
+    than `top_margin` (accuracy, 0..1), measured on at most `sample`
+    training images at `depths` depths.
+    """
+
+    large_per_class: int = 500
+    top_margin: float = 0.01
+    sample: int = 2000
+    depths: int = 5
+    statistics_images: int = 256
+
+    def __post_init__(self) -> None:
+        for key in ("large_per_class", "sample", "depths", "statistics_images"):
+            if getattr(self, key) < 1:
+                raise ConfigError(
+                    f"[advise] {key} must be >= 1, got {getattr(self, key)}"
+                )
+        _check_fraction("advise", "top_margin", self.top_margin)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Where a run writes, which case it runs and how it talks."""
 
@@ -419,6 +499,8 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    advise: AdviseConfig = field(default_factory=AdviseConfig)
     run: RunConfig = field(default_factory=RunConfig)
     source: Path | None = None
 
@@ -435,6 +517,8 @@ SECTIONS: dict[str, type] = {
     "sweep": SweepConfig,
     "train": TrainConfig,
     "finetune": FinetuneConfig,
+    "export": ExportConfig,
+    "advise": AdviseConfig,
     "run": RunConfig,
 }
 

@@ -163,7 +163,7 @@ def predict_codes(cfg: Config, head: Head) -> Predictions:
     # (SGD's sigmoids at 1.0), and argmax over ties picks the wrong class.
     predicted = pipeline.predict(test.X)
     column = np.searchsorted(pipeline.classes_, predicted)
-    if meta["classifier"] in ("logistic", "sgd"):
+    if meta["classifier"] == "logistic":
         scores, kind = pipeline.predict_proba(test.X), "probability"
     else:
         scores, kind = pipeline.decision_function(test.X), "decision"

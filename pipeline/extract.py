@@ -102,14 +102,9 @@ def locate_codes(cfg: Config, explicit: Path | None = None) -> Path:
 def load_backbone(cfg: Config) -> Backbone:
     """The configured backbone with its preprocessing overrides applied."""
     b = cfg.backbone
-    overrides = {
-        "input_size": b.input_size,
-        "resize_size": b.resize_size,
-        "mean": b.mean,
-        "std": b.std,
-        "interpolation": b.interpolation,
-    }
-    return build_backbone(b.name, b.weights, seed=cfg.run.seed, preprocessing=overrides)
+    return build_backbone(
+        b.name, b.weights, seed=cfg.run.seed, preprocessing=b.preprocessing()
+    )
 
 
 def load_images(cfg: Config) -> ImageSet:
@@ -142,6 +137,7 @@ def extract_options(cfg: Config) -> ExtractOptions:
         background=cfg.data.background,
         max_pixels=cfg.data.max_pixels,
         progress=cfg.run.progress,
+        engine=e.engine,
     )
 
 

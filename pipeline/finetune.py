@@ -36,6 +36,7 @@ from features.cache import atomic_write_text
 from features.data import ImageSet
 from features.errors import CheckpointError, DataError, TrainingError
 from features.extractor import (
+    PRECISION_DTYPES,
     default_workers,
     progress_bar,
     resolve_device,
@@ -49,7 +50,7 @@ from pipeline.extract import load_images
 
 log = logging.getLogger(__name__)
 
-AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP = PRECISION_DTYPES
 OPTIMIZERS: dict[str, Any] = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
@@ -202,18 +203,11 @@ def build_model(
     """The backbone with a new head of `num_classes`, pretrained or from scratch."""
     b = cfg.backbone
     weights = b.weights if cfg.finetune.init == "pretrained" else "random"
-    overrides = {
-        "input_size": b.input_size,
-        "resize_size": b.resize_size,
-        "mean": b.mean,
-        "std": b.std,
-        "interpolation": b.interpolation,
-    }
     backbone = build_backbone(
         b.name,
         weights,
         seed=cfg.run.seed,
-        preprocessing=overrides,
+        preprocessing=b.preprocessing(),
         num_classes=num_classes,
     )
     for module in backbone.model.modules():

@@ -90,7 +90,7 @@ class LabelledImages(Dataset[Item]):
             image = decode_image(
                 self.files[index],
                 max_pixels=self.max_pixels,
-                background=tuple(self.background),  # type: ignore[arg-type]
+                background=self.background,
             )
         except ImageDecodeError as err:
             log.warning("skipping %s", err)

@@ -119,6 +119,32 @@ def training_curves(
     return _save(fig, path)
 
 
+def sample_grid(samples: dict[str, list[Path]], path: Path) -> Path:
+    """A grid of images: one row per class, a few images per row."""
+    from features.errors import ImageDecodeError
+    from features.images import decode_image
+
+    rows = len(samples)
+    cols = max((len(v) for v in samples.values()), default=1) or 1
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(1.3 * cols + 1.5, 1.3 * rows), squeeze=False
+    )
+    for r, (name, files) in enumerate(samples.items()):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(files):
+                try:
+                    ax.imshow(np.asarray(decode_image(files[c])))
+                except ImageDecodeError:
+                    ax.text(0.5, 0.5, "unreadable", ha="center", va="center")
+            else:
+                ax.axis("off")
+        axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center")
+    return _save(fig, path)
+
+
 def cv_plot(
     values: Sequence[Any],
     mean: Sequence[float],

@@ -24,7 +24,7 @@ from features.cache import atomic_write_text, read_info
 from features.codes import Codes, available_codes, load_codes
 from features.errors import DataError
 from features.layers import TOP
-from features.probes import linear_probe, logme
+from features.probes import ProbeResult, linear_probe, logme
 from pipeline import extract, plots
 from pipeline.config import Config
 
@@ -120,10 +120,9 @@ def check_finite(X: npt.NDArray[np.floating[Any]], name: str) -> None:
         )
 
 
-def _probe(name: str, codes: Codes, cfg: Config) -> SweepRow:
-    check_finite(codes.X, name)
-    start = time.perf_counter()
-    probe = linear_probe(
+def probe_codes(codes: Codes, cfg: Config) -> ProbeResult:
+    """The configured linear probe (sweep.C, sweep.cv_folds) on some codes."""
+    return linear_probe(
         codes.X,
         codes.y,
         C=cfg.sweep.C,
@@ -132,6 +131,12 @@ def _probe(name: str, codes: Codes, cfg: Config) -> SweepRow:
         n_jobs=cfg.train.n_jobs,
         max_iter=cfg.train.max_iter,
     )
+
+
+def _probe(name: str, codes: Codes, cfg: Config) -> SweepRow:
+    check_finite(codes.X, name)
+    start = time.perf_counter()
+    probe = probe_codes(codes, cfg)
     score = logme(codes.X, codes.y)
     return SweepRow(
         name,

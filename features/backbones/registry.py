@@ -182,7 +182,11 @@ def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
             "Save weights with torch.save(model.state_dict(), path)."
         )
     # NOTE: checkpoints saved from DistributedDataParallel prefix every key.
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("net.") for k in state) and "normalize.scale" in state:
+        # A model quadrant fine-tuned (normalisation + network): the network.
+        state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    return state
 
 
 def _load_checkpoint(

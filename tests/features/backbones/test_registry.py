@@ -123,3 +123,18 @@ def test_efficientnet_lite0_default_weights_are_the_real_ones() -> None:
     assert backbone.preprocessing.mean == pytest.approx((127 / 255,) * 3)
     with pytest.raises(BackboneError, match="efficientnet_lite0 has weights 'default'"):
         build_backbone("efficientnet_lite0", "IMAGENET1K_V2")
+
+
+def test_a_fine_tuned_quadrant_model_serves_as_backbone(tmp_path: Path) -> None:
+    from features.transforms import Preprocessing
+    from pipeline.finetune import ImageClassifier
+
+    torch.manual_seed(0)
+    net = resnet18(num_classes=5)
+    file = tmp_path / "model.pt"
+    torch.save(ImageClassifier(net, Preprocessing()).state_dict(), file)
+    backbone = build_backbone("resnet18", str(file))
+    assert backbone.model.fc.out_features == 5
+    assert torch.equal(
+        backbone.model.layer1[0].conv1.weight, net.layer1[0].conv1.weight
+    )

@@ -1,0 +1,223 @@
+"""ONNX export of both paths, batch prediction, and the onnxruntime engine."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from features import load_codes
+from features.errors import ExportParityError, StageInputError
+from features.onnx_engine import session
+from pipeline import export, extract, finetune, predict, train
+from pipeline.config import Config
+from tests.conftest import write_png
+
+MakeConfig = Callable[..., Config]
+
+
+@pytest.fixture
+def three_classes(tmp_path: Path) -> Path:
+    root = tmp_path / "three"
+    for c, name in enumerate(["a", "b", "c"]):
+        for i in range(12):
+            write_png(root / name / f"{i:02d}.png", seed=1000 * c + i)
+    return root
+
+
+def _labels_of(model: Path, images: list[Path], cfg: Config) -> np.ndarray:
+    from pipeline.export import _pixels
+
+    pixels = _pixels(
+        extract.load_images(cfg), images, extract.load_backbone(cfg).preprocessing, cfg
+    )
+    return session(model).run(["label"], {"images": pixels})[0]
+
+
+@pytest.mark.parametrize("classifier", ["logistic", "linear_svm", "svm", "sgd"])
+@pytest.mark.parametrize("classes", [2, 3])
+def test_codes_path_export_matches_the_head(
+    image_folder: Path,
+    three_classes: Path,
+    make_config: MakeConfig,
+    classifier: str,
+    classes: int,
+) -> None:
+    root = image_folder if classes == 2 else three_classes
+    cfg = make_config(
+        root,
+        f"train.classifier={classifier}",
+        "train.cv_folds=2",
+        "train.C=[1.0]",
+        "extract.layers=['top', 'layer3']",
+        "train.layer=layer3",
+    )
+    train.run(cfg)
+    result = export.run(cfg)
+    assert result.path == cfg.run.out / "model.onnx" and result.labels_equal
+    if classifier == "logistic":  # probabilities; margins are checked relatively
+        assert result.max_abs_diff < 1e-4
+    model = onnx.load(result.path)
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["label_names"]) == sorted(p.name for p in root.iterdir())
+    assert json.loads(props["preprocessing"])["input_size"] == 32
+    kind = "probability" if classifier == "logistic" else "decision"
+    assert props["score_kind"] == kind
+    # The exported graph predicts what the trained pipeline predicts on the codes.
+    codes = load_codes(extract.locate_codes(cfg), "layer3", "avg")
+    from features.heads import load_head
+
+    expected = load_head(cfg.run.out / "model").pipeline.predict(codes.X)
+    got = _labels_of(result.path, [root / p for p in codes.paths], cfg)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_finetuned_export_matches_the_network(
+    tmp_path: Path, image_folder: Path
+) -> None:
+    from tests.pipeline.test_finetune import config
+
+    cfg = config(
+        image_folder,
+        tmp_path / "run",
+        "finetune.epochs=1",
+        "finetune.batch_size=4",
+        "export.parity_images=8",
+    )
+    finetune.run(cfg)
+    result = export.run(cfg)
+    assert result.kind == "finetune" and result.max_abs_diff < 1e-4
+    sess = session(result.path)
+    assert [i.name for i in sess.get_inputs()] == ["images"]
+    assert sess.get_inputs()[0].type == "tensor(uint8)"
+    scores, _ = sess.run(
+        ["scores", "label"], {"images": np.zeros((3, 3, 32, 32), dtype=np.uint8)}
+    )
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)  # softmax
+
+
+def test_float_input_export(image_folder: Path, make_config: MakeConfig) -> None:
+    cfg = make_config(image_folder, "export.input_dtype=float32", "train.cv_folds=2")
+    train.run(cfg)
+    result = export.run(cfg)
+    assert session(result.path).get_inputs()[0].type == "tensor(float)"
+
+
+def test_a_mismatching_export_is_not_left_as_good(
+    image_folder: Path, make_config: MakeConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_config(image_folder, "train.cv_folds=2")
+    train.run(cfg)
+    export.run(cfg)  # a good one first: it must not survive a failed export
+    real = export._head_scores
+
+    def off_by_a_little(*args: object) -> tuple[np.ndarray, np.ndarray]:
+        scores, labels = real(*args)  # type: ignore[arg-type]
+        return scores + 0.01, labels
+
+    monkeypatch.setattr(export, "_head_scores", off_by_a_little)
+    with pytest.raises(
+        ExportParityError,
+        match=r"scores: onnxruntime and the reference "
+        r"differ by up to 0.01 at \(\d+, \d\) \(tolerance atol=0.0001",
+    ):
+        export.run(cfg)
+    assert not (cfg.run.out / "model.onnx").exists()
+    assert (cfg.run.out / "model.failed.onnx").exists()
+
+
+def test_fp16_and_int8_variants_report_accuracy(
+    three_classes: Path, make_config: MakeConfig
+) -> None:
+    cfg = make_config(
+        three_classes,
+        "train.cv_folds=2",
+        "export.fp16=true",
+        "export.int8=static",
+        "export.calibration_images=8",
+    )
+    train.run(cfg)
+    result = export.run(cfg)
+    assert set(result.variants) == {"fp16", "int8"}
+    for variant in result.variants.values():
+        assert variant.path.is_file() and 0 <= variant.accuracy <= 1
+        assert variant.fp32_accuracy == result.variants["fp16"].fp32_accuracy
+    saved = json.loads((cfg.run.out / "export.json").read_text())
+    assert set(saved["variants"]) == {"fp16", "int8"}
+
+
+def test_export_before_training_says_what_to_run(
+    image_folder: Path, make_config: MakeConfig
+) -> None:
+    with pytest.raises(
+        StageInputError, match="run `quadrant train` or `quadrant finetune`"
+    ):
+        export.run(make_config(image_folder))
+
+
+def test_predict_writes_a_row_per_image_and_reports_unreadable_ones(
+    image_folder: Path, make_config: MakeConfig, tmp_path: Path
+) -> None:
+    cfg = make_config(image_folder, "train.cv_folds=2")
+    train.run(cfg)
+    model = export.run(cfg).path
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for name in ("cat/00.png", "dog/05.png"):
+        (folder / name.replace("/", "-")).write_bytes(
+            (image_folder / name).read_bytes()
+        )
+    (folder / "broken.png").write_bytes(b"not really a picture")
+    out = tmp_path / "preds.csv"
+    result = predict.run(model, [folder], out=out, top_k=2)
+    assert (result.predicted, result.failed) == (2, 1)
+    with open(out) as handle:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
+    assert "not an image" in rows["broken.png"]["error"]
+    good = rows["cat-00.png"]
+    assert good["label"] in ("cat", "dog") and good["error"] == ""
+    assert len(good["top_k"].split(";")) == 2 and 0 <= float(good["score"]) <= 1
+    expected = _labels_of(model, [image_folder / "cat/00.png"], cfg)
+    assert good["label"] == ["cat", "dog"][int(expected[0])]
+
+
+def test_predict_refuses_a_foreign_onnx_file(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "other.onnx")
+    with pytest.raises(StageInputError, match="has no quadrant metadata"):
+        predict.run(tmp_path / "other.onnx", [tmp_path], out=tmp_path / "p.csv")
+
+
+def test_onnxruntime_engine_writes_the_same_codes(
+    image_folder: Path, make_config: MakeConfig
+) -> None:
+    layers = ("extract.layers=['top', 'layer2']", "extract.pooling=['avg', 'grid:2']")
+    torch_run = extract.run(make_config(image_folder, *layers))
+    ort_run = extract.run(
+        make_config(image_folder, *layers, "extract.engine=onnxruntime")
+    )
+    assert ort_run.key != torch_run.key
+    from features.cache import read_provenance
+
+    assert read_provenance(ort_run.path)["compute"]["engine"] == "onnxruntime"
+    for name in ("top/none", "layer2/avg", "layer2/grid:2"):
+        layer, pooling = name.split("/")
+        a = load_codes(torch_run.path, layer, pooling).X
+        b = load_codes(ort_run.path, layer, pooling).X
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    # The engine's graph is exported once, beside the caches.
+    assert len(list(ort_run.path.parent.glob("engine-*.onnx"))) == 1
