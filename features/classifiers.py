@@ -44,8 +44,11 @@ def _logistic(spec: ClassifierSpec, weight: str | None) -> BaseEstimator:
 
 
 def _linear_svm(spec: ClassifierSpec, weight: str | None) -> BaseEstimator:
+    # NOTE: liblinear's dual coordinate descent: on 6,700 x 1280 standardised
+    # codes it fitted in 8 s (C=0.01) and 27 s (C=1) where the primal solver
+    # that dual="auto" picks when n_samples > n_features took 17 s and 217 s.
     return LinearSVC(
-        max_iter=spec.max_iter, class_weight=weight, random_state=spec.seed
+        dual=True, max_iter=spec.max_iter, class_weight=weight, random_state=spec.seed
     )
 
 

@@ -258,7 +258,9 @@ class _RowDataset(Dataset[tuple[int, torch.Tensor, bool, str]]):
         # NOTE: the view's randomness comes from (seed, row) alone, so it is the
         # same in any worker, in any order, and after a resume.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_row_seed(self.options.seed, row))
+            # NOTE: the CPU generator only: torch.manual_seed also queues a
+            # CUDA seeding call with a formatted stack on every call.
+            torch.default_generator.manual_seed(_row_seed(self.options.seed, row))
             return row, self.view_transform(image), True, ""
 
 

@@ -115,14 +115,22 @@ def run(cfg: Config) -> Advice:
     train_counts = images.counts()["train"]
     per_class = [train_counts[name] for name in images.label_names]
     sample = _sample(images, cfg)
-    layers = spread_layers(
-        backbone.model, backbone.preprocessing.input_size, cfg.advise.depths
-    )
-    depths = _probe_depths(cfg, backbone, sample, layers)
+    depths = _probe_depths(cfg, backbone, images, sample)
     domain = _domain(cfg, backbone, sample)
     advice = decide(cfg, per_class, depths, domain, len(sample))
     _write(cfg, advice)
     return advice
+
+
+def codes_layers(cfg: Config, backbone: Any) -> tuple[str, ...]:
+    """Depths spread over the network, "top", and the configured layers.
+
+    The advisor probes these and the codes path extracts these, so on small
+    data the advisor's extraction is the codes path's cache hit.
+    """
+    size = backbone.preprocessing.input_size
+    layers = spread_layers(backbone.model, size, cfg.advise.depths)
+    return (*layers, *(layer for layer in cfg.extract.layers if layer not in layers))
 
 
 def _sample(images: ImageSet, cfg: Config) -> ImageSet:
@@ -140,19 +148,27 @@ def _sample(images: ImageSet, cfg: Config) -> ImageSet:
 
 
 def _probe_depths(
-    cfg: Config, backbone: Any, sample: ImageSet, layers: list[str]
+    cfg: Config, backbone: Any, images: ImageSet, sample: ImageSet
 ) -> tuple[Depth, ...]:
-    model = CodeModel(backbone, layers, ["avg"])
+    model = CodeModel(backbone, codes_layers(cfg, backbone), cfg.extract.pooling)
+    # Small data: the sample is the whole training split, so extracting every
+    # image now is the extraction the codes path would run next.
+    whole = len(sample) == images.counts()["train"].total()
     result = extract_codes(
-        sample, model, options=extract.extract_options(cfg), cache_dir=cfg.cache_dir
+        images if whole else sample,
+        model,
+        options=extract.extract_options(cfg),
+        cache_dir=cfg.cache_dir,
     )
     depths = []
     for spec in result.specs:
-        codes = load_codes(result.path, spec.layer, spec.pooling)
+        codes = load_codes(result.path, spec.layer, spec.pooling, split="train")
         probe = sweep.probe_codes(codes, cfg)
         depths.append(
             Depth(
-                spec.layer,
+                spec.layer
+                if spec.pooling in ("avg", "none")
+                else f"{spec.layer}/{spec.pooling}",
                 spec.dims,
                 probe.accuracy,
                 probe.std,
@@ -161,7 +177,7 @@ def _probe_depths(
         )
         log.info(
             "advise %-14s probe %.3f ± %.3f  LogME %.3f",
-            spec.layer,
+            depths[-1].layer,
             probe.accuracy,
             probe.std,
             depths[-1].logme,
@@ -225,22 +241,25 @@ def decide(
 
 
 def _settings(case: int, best_layer: str) -> dict[str, Any]:
-    if case == 1:
-        return {"path": "codes", "train.layer": TOP, "train.classifier": "logistic"}
-    if case == 2:
-        return {
+    if case in (1, 2):
+        layer, _, pooling = (TOP if case == 1 else best_layer).partition("/")
+        settings: dict[str, Any] = {
             "path": "codes",
-            "train.layer": best_layer,
+            "train.layer": layer,
             "train.classifier": "logistic",
-            "note": "train.classifier = 'svm' is the alternative the sweep can rank",
         }
+        if pooling:
+            settings["train.pooling"] = pooling
+        if case == 2:
+            settings["note"] = "train.classifier = 'svm' is the alternative to try"
+        return settings
     return {
         "path": "finetune",
         "finetune.init": "pretrained",
         "finetune.head_epochs": 1,
         "finetune.layer_decay": 0.75 if case == 3 else 1.0,
-        "note": "case 4: compare with finetune.init = 'scratch' when the data is "
-        "far from the backbone's (docs/four_cases.md)"
+        "note": "case 4: compare with finetune.init = 'scratch' when the data is far "
+        "from the backbone's (docs/four_cases.md)"
         if case == 4
         else "",
     }

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from features import datasets
 from features.backbones import available_backbones, build_backbone
 from features.cache import read_info, verify
-from features.errors import CacheCorruptError
+from features.errors import CacheCorruptError, StageInputError
 from features.extractor import ExtractResult
 from features.layers import TOP, layer_names, layer_shapes, parse_pooling, resolve_top
 from pipeline import evaluate as evaluate_stage
@@ -91,8 +93,6 @@ def format_train(result: train_stage.TrainResult, cfg: Config) -> list[str]:
 
 def finetune(cfg: Config, *, resume: bool, restart: bool) -> int:
     """`quadrant finetune`; under torchrun only rank 0 prints and logs to file."""
-    import os
-
     if int(os.environ.get("RANK", "0")) != 0:
         finetune_stage.run(cfg, resume=resume, restart=restart)
         return 0
@@ -167,11 +167,17 @@ def advise(cfg: Config) -> int:
 
 def run(cfg: Config, *, predict_paths: Sequence[Path] = ()) -> int:
     """`quadrant run`: the whole job."""
-    from pipeline import advise as advise_stage
     from pipeline import run as run_stage
 
     with run_log(cfg, "run"):
         result = run_stage.run(cfg, predict_paths=predict_paths)
+    _print_run(cfg, result)
+    return 0
+
+
+def _print_run(cfg: Config, result: Any) -> None:
+    from pipeline import advise as advise_stage
+
     if result.advice is not None:
         print("\n".join(advise_stage.summary_lines(result.advice)))
     else:
@@ -183,19 +189,14 @@ def run(cfg: Config, *, predict_paths: Sequence[Path] = ()) -> int:
     if result.reused:
         print(f"reused: {', '.join(result.reused)}")
     print(f"report: {result.report}")
-    return 0
 
 
 def report(cfg: Config) -> int:
     """`quadrant report`: render report.html again from run.out."""
-    import json
-
     from pipeline import report as report_stage
 
     summary = cfg.run.out / "run.json"
     if not summary.is_file():
-        from features.errors import StageInputError
-
         raise StageInputError(f"{summary} not found; run `quadrant run` first")
     data = json.loads(summary.read_text())
     path = report_stage.write(cfg, data["case"], data["timings"], data["reused"])
@@ -341,9 +342,6 @@ def demo(cfg: Config) -> int:
 
     with run_log(cfg, "demo"):
         result = demo_stage.run(cfg)
-    print(format_extract(result.extract))
-    print("\n".join(format_sweep(result.sweep, cfg)))
-    print("\n".join(format_train(result.train, cfg)))
-    print("\n".join(evaluate_stage.summary_lines(result.evaluate)))
+    _print_run(cfg, result)
     print(f"results are in {cfg.run.out}")
     return 0

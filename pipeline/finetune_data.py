@@ -97,7 +97,11 @@ class LabelledImages(Dataset[Item]):
             blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
             return blank, -1, index, False
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_sample_seed(self.seed, self.epoch, index))
+            # NOTE: the CPU generator only: torch.manual_seed also queues a
+            # CUDA seeding call with a formatted stack on every call.
+            torch.default_generator.manual_seed(
+                _sample_seed(self.seed, self.epoch, index)
+            )
             return self.transform(image), self.labels[index], index, True
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from features.cache import atomic_write_text, read_info
-from features.layers import TOP, spread_layers
+from features.layers import TOP
 from pipeline import advise, evaluate, export, extract, finetune, predict, report, sweep
 from pipeline import train as train_stage
 from pipeline.config import STRATEGIES, Config
@@ -118,13 +118,7 @@ def _codes_path(
     cfg: Config, case: int, timings: dict[str, float], reused: list[str]
 ) -> Config:
     """Extract depths across the network, sweep them, train on top or the best."""
-    backbone = extract.load_backbone(cfg)
-    layers = [
-        *spread_layers(
-            backbone.model, backbone.preprocessing.input_size, cfg.advise.depths
-        )
-    ]
-    layers += [layer for layer in cfg.extract.layers if layer not in layers]
+    layers = advise.codes_layers(cfg, extract.load_backbone(cfg))
     cfg = replace(
         cfg,
         extract=replace(cfg.extract, layers=tuple(layers)),

@@ -1,80 +1,113 @@
-"""The embedded default with the real EfficientNet-Lite0 weights."""
+"""The embedded default and `quadrant run`, with the real EfficientNet-Lite0."""
 
 from __future__ import annotations
 
+import csv
+import json
+import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from features import datasets, load_codes
+from features import datasets
 from pipeline import commands
-from pipeline.demo import DEMO_LAYERS, demo_config
+from pipeline import run as run_stage
+from pipeline.demo import demo_config
 
 
 @pytest.fixture(scope="module")
 def digits_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Ten digits per class: enough to see the codes separate the classes."""
+    """Twelve digits per class: enough to measure, quick to run."""
     full = datasets.write_digits(tmp_path_factory.mktemp("digits") / "all")
     subset = full.parent / "subset"
     for folder in sorted(full.iterdir()):
         (subset / folder.name).mkdir(parents=True)
-        for file in sorted(folder.iterdir())[:10]:
+        for file in sorted(folder.iterdir())[:12]:
             shutil.copy(file, subset / folder.name / file.name)
     return subset
 
 
-def test_demo_extracts_every_layer_with_real_weights(
-    digits_subset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    cfg = demo_config(
+def demo(root: Path, out: Path, *extra: str):  # type: ignore[no-untyped-def]
+    return demo_config(
         [
-            f"data.root='{digits_subset}'",
-            f"run.out='{tmp_path / 'run'}'",
+            f"data.root='{root}'",
+            f"run.out='{out}'",
             "run.progress=false",
+            "sweep.cv_folds=3",
+            "train.cv_folds=3",
+            "train.C=[0.1, 1.0]",
+            "backbone.input_size=96",
+            *extra,
         ]
     )
+
+
+def test_demo_runs_the_whole_job_and_reports_it(
+    digits_subset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = demo(digits_subset, tmp_path / "run")
     assert commands.demo(cfg) == 0
     out = capsys.readouterr().out
-    assert f"results are in {tmp_path / 'run'}" in out
+    case = int(re.search(r"^case (\d):", out, re.M).group(1))  # type: ignore[union-attr]
+    assert case in (1, 2)  # 12 images per class is small
+    run = tmp_path / "run"
+    assert f"report: {run / 'report.html'}" in out and f"results are in {run}" in out
     for name in (
+        "advice.json",
         "sweep.png",
         "model/model.json",
         "metrics.json",
-        "confusion_matrix.png",
+        "model.onnx",
+        "predictions.csv",
+        "report.html",
+        "run.json",
     ):
-        assert (tmp_path / "run" / name).is_file()
-    assert "best: _blocks" in out or "best: top" in out
-    [cache] = (tmp_path / "run" / "cache").glob("codes-*.h5")
-    dims = {
-        "_blocks.2": 24,
-        "_blocks.4": 40,
-        "_blocks.7": 80,
-        "_blocks.10": 112,
-        "_blocks.14": 192,
-        "top": 1280,
-    }
-    for layer in DEMO_LAYERS:
-        codes = load_codes(cache, layer)
-        assert codes.X.shape == (100, dims[layer])
-        assert np.isfinite(codes.X).all()
-    # Real ImageNet codes separate digits: nearest class mean beats chance (10%).
-    top = load_codes(cache, "top")
-    means = np.stack([top.X[top.y == c].mean(0) for c in range(10)])
-    predicted = np.argmin(((top.X[:, None] - means[None]) ** 2).sum(-1), axis=1)
-    assert (predicted == top.y).mean() > 0.5
+        assert (run / name).is_file(), name
+    with open(run / "predictions.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 120
+
+    html = (run / "report.html").read_text()
+    metrics = json.loads((run / "metrics.json").read_text())
+    advice = json.loads((run / "advice.json").read_text())
+    assert f"Case {case}:" in html
+    assert f"{metrics['accuracy']:.4f}" in html
+    assert advice["reasons"][0] in html  # the evidence, with its figures
+    assert html.count("data:image/png;base64,") >= 4  # samples, sweep, curve, matrix
+    assert "Layer sweep" in html and "Timings" in html and "Export" in html
+    assert "No file was skipped." in html
+
+
+def test_a_second_run_reuses_everything_still_valid(
+    digits_subset: Path, tmp_path: Path
+) -> None:
+    cfg = demo(digits_subset, tmp_path / "run", "run.strategy=2")
+    first = run_stage.run(cfg)
+    assert first.reused == []
+    again = run_stage.run(cfg)
+    assert again.reused == ["codes", "sweep", "model", "export"]
+    assert again.evaluation.accuracy == first.evaluation.accuracy
+    # A changed classifier setting retrains, and only that (and what follows).
+    changed = run_stage.run(
+        demo(digits_subset, tmp_path / "run", "run.strategy=2", "train.C=[1.0]")
+    )
+    assert changed.reused == ["codes", "sweep"]
 
 
 def test_demo_writes_the_digits_when_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import demo
+    from pipeline import demo as demo_module
 
     cfg = demo_config(
         [f"data.root='{tmp_path / 'digits'}'", f"run.out='{tmp_path / 'run'}'"]
     )
-    for stage in ("extract", "sweep", "train", "evaluate"):
-        monkeypatch.setattr(f"pipeline.{stage}.run", lambda cfg, s=stage: s)
-    assert demo.run(cfg) == demo.DemoResult("extract", "sweep", "train", "evaluate")  # type: ignore[arg-type]
+    calls = []
+    monkeypatch.setattr(
+        run_stage,
+        "run",
+        lambda cfg, predict_paths: calls.append(predict_paths) or "done",
+    )
+    assert demo_module.run(cfg) == "done"
+    assert calls == [[tmp_path / "digits"]]
     assert len(list((tmp_path / "digits").rglob("*.png"))) == 1797
