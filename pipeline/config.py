@@ -476,17 +476,25 @@ class RunConfig:
     """Where a run writes, which case it runs and how it talks."""
 
     out: Path = Path("runs/demo")
-    strategy: str = "auto"
+    # `strategy = 2` and `strategy = "2"` mean the same; stored as the string.
+    strategy: str | int = "auto"
     seed: int = 0
     progress: bool = True
     log_level: str = "info"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "strategy", str(self.strategy))
         if self.strategy not in STRATEGIES:
             raise ConfigError(
                 f"[run] strategy = {self.strategy!r} is not one of {list(STRATEGIES)}"
             )
         _check_choice("run", "log_level", self.log_level, LOG_LEVELS)
+
+    @property
+    def case(self) -> int | None:
+        """The case this strategy names, or None for `auto` (the advisor picks)."""
+        code = STRATEGIES[str(self.strategy)]
+        return None if code == "auto" else int(code)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from features.cache import atomic_write_text, read_info
 from features.layers import TOP
 from pipeline import advise, evaluate, export, extract, finetune, predict, report, sweep
 from pipeline import train as train_stage
-from pipeline.config import STRATEGIES, Config
+from pipeline.config import Config
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,12 +49,11 @@ def run(cfg: Config, *, predict_paths: Sequence[Path] = ()) -> RunResult:
     """Run the configured (or advised) case end to end and write the report."""
     timings: dict[str, float] = {}
     reused: list[str] = []
-    advice = (
-        _timed(timings, "advise", lambda: advise.run(cfg))
-        if STRATEGIES[cfg.run.strategy] == "auto"
-        else None
-    )
-    case = advice.case if advice else int(STRATEGIES[cfg.run.strategy])
+    advice = None
+    case = cfg.run.case
+    if case is None:
+        advice = _timed(timings, "advise", lambda: advise.run(cfg))
+        case = advice.case
     if case in (1, 2):
         cfg = _codes_path(cfg, case, timings, reused)
     else:

@@ -6,6 +6,7 @@ import csv
 import json
 import re
 import shutil
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,7 @@ def test_demo_runs_the_whole_job_and_reports_it(
     advice = json.loads((run / "advice.json").read_text())
     assert f"Case {case}:" in html
     assert f"{metrics['accuracy']:.4f}" in html
-    assert advice["reasons"][0] in html  # the evidence, with its figures
+    assert escape(advice["reasons"][0]) in html  # the evidence, with its figures
     assert html.count("data:image/png;base64,") >= 4  # samples, sweep, curve, matrix
     assert "Layer sweep" in html and "Timings" in html and "Export" in html
     assert "No file was skipped." in html

@@ -43,6 +43,9 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Config:
             "sweep.cv_folds=3",
             "train.cv_folds=3",
             "train.C=[0.1, 1.0]",
+            "extract.layers=['_blocks.2', '_blocks.4', '_blocks.7', '_blocks.10',"
+            " '_blocks.14', 'top']",
+            "train.layer='best'",
         ]
     )
     extract.run(cfg)
