@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -175,7 +175,7 @@ def iter_codes(
         dataset = _dataset(h5, Path(path), layer, pooling)
         index = _Index.read(h5)
         rows = index.select(split, views)
-        step = chunk_rows or (dataset.chunks[0] if dataset.chunks else 4096)
+        step = chunk_rows or _chunk_rows(dataset)
         for start in range(0, len(rows), step):
             block = rows[start : start + step]
             X = _read_rows(dataset, block).astype(dtype, copy=False)
@@ -251,8 +251,38 @@ def _read_rows(
         return np.zeros((0, dataset.shape[1]), dtype=dataset.dtype)
     if rows[-1] - rows[0] + 1 == len(rows):  # contiguous: one slice read
         return dataset[int(rows[0]) : int(rows[-1]) + 1]
-    # h5py fancy indexing is slow for many rows; read the span and select.
-    return dataset[int(rows[0]) : int(rows[-1]) + 1][rows - rows[0]]
+    # h5py fancy indexing is slow for many rows, and reading the whole span
+    # would hold every row of the file (a split's rows are spread over it):
+    # read the HDF5 chunks that hold selected rows, one at a time.
+    out = np.empty((len(rows), dataset.shape[1]), dtype=dataset.dtype)
+    first = 0
+    for part, block in _chunk_reads(dataset, _by_chunk(dataset, rows)):
+        out[first : first + len(part)] = block
+        first += len(part)
+    return out
+
+
+def _chunk_rows(dataset: h5py.Dataset) -> int:
+    return int(dataset.chunks[0]) if dataset.chunks else 4096
+
+
+def _by_chunk(
+    dataset: h5py.Dataset, rows: npt.NDArray[np.int64]
+) -> list[npt.NDArray[np.int64]]:
+    """Sorted `rows` grouped by the HDF5 chunk that holds them."""
+    step = _chunk_rows(dataset)
+    starts = np.flatnonzero(np.diff(rows // step)) + 1
+    return np.split(rows, starts) if len(rows) else []
+
+
+def _chunk_reads(
+    dataset: h5py.Dataset, groups: Iterable[npt.NDArray[np.int64]]
+) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[Any]]]:
+    """(rows, their codes) for each group of rows of one chunk, one read each."""
+    step = _chunk_rows(dataset)
+    for part in groups:
+        start = int(part[0]) // step * step
+        yield part, dataset[start : start + step][part - start]
 
 
 _Block = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64]]
@@ -282,40 +312,46 @@ def stream_codes(
         dataset = _dataset(h5, Path(path), layer, pooling)
         index = _Index.read(h5)
         rows = index.select(split, views)  # sorted
-        step = dataset.chunks[0] if dataset.chunks else 4096
-        chunk_ids, starts = np.unique(rows // step, return_index=True)
-        per_chunk = np.split(rows, starts[1:])
-        order = (
-            rng.permutation(len(chunk_ids))
-            if rng is not None
-            else range(len(chunk_ids))
-        )
-        buffer: list[_Block] = []
+        per_chunk = _by_chunk(dataset, rows)
+        if rng is not None:
+            per_chunk = [per_chunk[i] for i in rng.permutation(len(per_chunk))]
+        step = _chunk_rows(dataset)
+        # One preallocated buffer (plus at most one chunk of overflow): memory
+        # is buffer_rows rows whatever the size of the file.
+        capacity = min(len(rows), buffer_rows + step)
+        X = np.empty((capacity, dataset.shape[1]), dtype=np.float32)
+        y = np.empty(capacity, dtype=np.int64)
+        groups = np.empty(capacity, dtype=np.int64)
         held = 0
-        for i in order:
-            selected, start = per_chunk[i], int(chunk_ids[i]) * step
-            block = dataset[start : start + step][selected - start].astype(np.float32)
-            images = index.row_image[selected]
-            buffer.append((block, index.labels[images], images))
-            held += len(selected)
+        for selected, block in _chunk_reads(dataset, per_chunk):
+            end = held + len(selected)
+            X[held:end] = block
+            groups[held:end] = index.row_image[selected]
+            y[held:end] = index.labels[groups[held:end]]
+            held = end
             if held >= buffer_rows:
-                yield from _drain(buffer, block_rows, rng)
-                buffer, held = [], 0
-        yield from _drain(buffer, block_rows, rng)
+                yield from _drain(X, y, groups, held, block_rows, rng)
+                held = 0
+        yield from _drain(X, y, groups, held, block_rows, rng)
 
 
 def _drain(
-    buffer: list[_Block], block_rows: int, rng: np.random.Generator | None
+    X: npt.NDArray[np.float32],
+    y: npt.NDArray[np.int64],
+    groups: npt.NDArray[np.int64],
+    held: int,
+    block_rows: int,
+    rng: np.random.Generator | None,
 ) -> Iterator[_Block]:
-    if not buffer:
-        return
-    X, y, groups = (np.concatenate([b[i] for b in buffer]) for i in range(3))
-    if rng is not None:
-        order = rng.permutation(len(y))
-        X, y, groups = X[order], y[order], groups[order]
-    for start in range(0, len(y), block_rows):
-        end = start + block_rows
-        yield X[start:end], y[start:end], groups[start:end]
+    """Cut the first `held` buffer rows into blocks, shuffled with `rng`.
+
+    Blocks are copies (fancy indexing), so the caller may keep them while the
+    buffer is refilled.
+    """
+    order = rng.permutation(held) if rng is not None else np.arange(held)
+    for start in range(0, held, block_rows):
+        take = order[start : start + block_rows]
+        yield X[take], y[take], groups[take]
 
 
 class CNNCodes(TransformerMixin, BaseEstimator):

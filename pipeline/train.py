@@ -306,8 +306,14 @@ def _stream_accuracy(pipeline: Pipeline, chunks: Any) -> float:
 
 
 def _first_rows_and_count(chunks: Any) -> tuple[npt.NDArray[Any], int]:
-    blocks = [(X[:PROBE_ROWS], len(X)) for X, _ in chunks(None)]
-    return blocks[0][0], sum(n for _, n in blocks)
+    probe: npt.NDArray[Any] | None = None
+    count = 0
+    for X, _ in chunks(None):
+        if probe is None:
+            probe = X[:PROBE_ROWS].copy()  # a view would keep the block alive
+        count += len(X)
+    assert probe is not None  # check_labels refused an empty training split
+    return probe, count
 
 
 def _val_score(

@@ -79,3 +79,38 @@ def test_float16_storage_reads_back_as_float32(
     codes = load_codes(path)
     assert codes.X.dtype == np.float32
     assert load_codes(path, dtype=np.float16).X.dtype == np.float16
+
+
+def test_stream_codes_yields_every_row_once_shuffled(cache_file: Path) -> None:
+    from features.codes import stream_codes
+
+    whole = load_codes(cache_file, "layer2", "avg", split="train", views="all")
+    by_row = {(g, tuple(x)): y for g, x, y in zip(whole.groups, whole.X, whole.y)}
+    blocks = list(
+        stream_codes(
+            cache_file,
+            "layer2",
+            "avg",
+            split="train",
+            views="all",
+            buffer_rows=5,  # smaller than the split: several refills
+            block_rows=2,
+            rng=np.random.default_rng(0),
+        )
+    )
+    seen = [(g, tuple(x), y) for X, Y, G in blocks for x, y, g in zip(X, Y, G)]
+    assert sorted((g, x) for g, x, _ in seen) == sorted(by_row)
+    assert all(by_row[(g, x)] == y for g, x, y in seen)
+    assert [g for g, _, _ in seen] != sorted(g for g, _, _ in seen)  # shuffled
+
+
+def test_scattered_rows_are_read_chunk_by_chunk(tmp_path: Path) -> None:
+    import h5py
+
+    from features.codes import _read_rows
+
+    data = np.arange(200, dtype=np.float32).reshape(50, 4)
+    rows = np.array([1, 2, 9, 10, 11, 30, 49])
+    with h5py.File(tmp_path / "c.h5", "w") as h5:
+        dataset = h5.create_dataset("x", data=data, chunks=(8, 4))
+        np.testing.assert_array_equal(_read_rows(dataset, rows), data[rows])
