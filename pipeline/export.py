@@ -494,12 +494,30 @@ def _to_fp16(path: Path) -> Path:
     return out
 
 
+def _head_nodes(path: Path) -> list[str]:
+    """The scikit-learn head's nodes: kept float (no int8 kernels for them)."""
+    import onnx
+
+    return [n.name for n in onnx.load(path).graph.node if n.name.startswith("head/")]
+
+
+# The head's ai.onnx.ml outputs defeat the quantiser's shape inference; their
+# type is float in every head quadrant writes.
+_QUANT_OPTIONS = {"DefaultTensorType": 1}  # onnx.TensorProto.FLOAT
+
+
 def _to_int8_dynamic(path: Path) -> Path:
     """Dynamic int8 quantisation of the weights (onnxruntime.quantization)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = path.with_name("model.int8.onnx")
-    quantize_dynamic(path, out, weight_type=QuantType.QInt8)
+    quantize_dynamic(
+        path,
+        out,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=_head_nodes(path),
+        extra_options=_QUANT_OPTIONS,
+    )
     return out
 
 
@@ -528,7 +546,6 @@ def _to_int8_static(path: Path, calibration: npt.NDArray[np.uint8]) -> Path:
         def get_next(self) -> dict[str, Any] | None:
             return next(self.batches, None)
 
-    head = [n.name for n in onnx.load(path).graph.node if n.name.startswith("head/")]
     out = path.with_name("model.int8.onnx")
     quantize_static(
         path,
@@ -538,7 +555,8 @@ def _to_int8_static(path: Path, calibration: npt.NDArray[np.uint8]) -> Path:
         per_channel=True,
         weight_type=QuantType.QInt8,
         activation_type=QuantType.QUInt8,
-        nodes_to_exclude=head,
+        nodes_to_exclude=_head_nodes(path),
+        extra_options=_QUANT_OPTIONS,
     )
     return out
 

@@ -151,6 +151,28 @@ def test_fp16_and_int8_variants_report_accuracy(
     assert set(saved["variants"]) == {"fp16", "int8"}
 
 
+@pytest.mark.parametrize("int8", ["static", "dynamic"])
+@pytest.mark.parametrize("classifier", ["linear_svm", "svm"])
+def test_int8_copies_keep_the_scikit_learn_head_in_float(
+    three_classes: Path, make_config: MakeConfig, classifier: str, int8: str
+) -> None:
+    cfg = make_config(
+        three_classes,
+        f"train.classifier={classifier}",
+        "train.cv_folds=2",
+        "train.C=[1.0]",
+        f"export.int8={int8}",
+        "export.calibration_images=8",
+    )
+    train.run(cfg)
+    variant = export.run(cfg).variants["int8"]
+    nodes = onnx.load(variant.path).graph.node
+    assert any("Quantize" in n.op_type or "Integer" in n.op_type for n in nodes)
+    head = [n for n in nodes if n.name.startswith("head/")]
+    assert head and not any("Quantize" in n.op_type for n in head)
+    assert 0 <= variant.accuracy <= 1
+
+
 def test_export_before_training_says_what_to_run(
     image_folder: Path, make_config: MakeConfig
 ) -> None:
