@@ -489,9 +489,33 @@ def _to_fp16(path: Path) -> Path:
     # stays float32, and the backbone, where the time goes, is converted.
     head = [n.name for n in model.graph.node if n.name.startswith("head/")]
     model = convert_float_to_float16(model, keep_io_types=True, node_block_list=head)
+    _drop_repeated_casts(model.graph)
     out = path.with_name("model.fp16.onnx")
     onnx.save(model, out)
     return out
+
+
+def _drop_repeated_casts(graph: Any) -> None:
+    """Remove nodes that repeat an earlier node exactly; make names unique.
+
+    NOTE: the float16 converter adds a cast in front of every blocked node
+    input and names it after the tensor, so a tensor that feeds two blocked
+    nodes (as in skl2onnx's RBF SVM head) gets two identical casts with the
+    same output name, which onnxruntime refuses. The repeats compute the
+    same value and can go.
+    """
+    produced: dict[str, Any] = {}
+    names: set[str] = set()
+    for node in list(graph.node):
+        first = produced.get(node.output[0]) if node.output else None
+        if first is not None and first.SerializeToString() == node.SerializeToString():
+            graph.node.remove(node)
+            continue
+        name, n = node.name, 1
+        while node.name in names:
+            node.name, n = f"{name}_{n}", n + 1
+        names.add(node.name)
+        produced.update({out: node for out in node.output})
 
 
 def _head_nodes(path: Path) -> list[str]:

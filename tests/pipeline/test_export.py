@@ -153,7 +153,7 @@ def test_fp16_and_int8_variants_report_accuracy(
 
 @pytest.mark.parametrize("int8", ["static", "dynamic"])
 @pytest.mark.parametrize("classifier", ["linear_svm", "svm"])
-def test_int8_copies_keep_the_scikit_learn_head_in_float(
+def test_fp16_and_int8_copies_keep_the_scikit_learn_head_in_float(
     three_classes: Path, make_config: MakeConfig, classifier: str, int8: str
 ) -> None:
     cfg = make_config(
@@ -161,11 +161,14 @@ def test_int8_copies_keep_the_scikit_learn_head_in_float(
         f"train.classifier={classifier}",
         "train.cv_folds=2",
         "train.C=[1.0]",
+        "export.fp16=true",
         f"export.int8={int8}",
         "export.calibration_images=8",
     )
     train.run(cfg)
-    variant = export.run(cfg).variants["int8"]
+    variants = export.run(cfg).variants
+    assert 0 <= variants["fp16"].accuracy <= 1  # onnxruntime loaded and ran it
+    variant = variants["int8"]
     nodes = onnx.load(variant.path).graph.node
     assert any("Quantize" in n.op_type or "Integer" in n.op_type for n in nodes)
     head = [n for n in nodes if n.name.startswith("head/")]
