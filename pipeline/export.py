@@ -550,7 +550,6 @@ def _to_int8_static(path: Path, calibration: npt.NDArray[np.uint8]) -> Path:
 
     The scikit-learn head stays float: its operators have no int8 kernels.
     """
-    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
