@@ -85,7 +85,9 @@ def test_stream_codes_yields_every_row_once_shuffled(cache_file: Path) -> None:
     from features.codes import stream_codes
 
     whole = load_codes(cache_file, "layer2", "avg", split="train", views="all")
-    by_row = {(g, tuple(x)): y for g, x, y in zip(whole.groups, whole.X, whole.y, strict=True)}
+    by_row = {
+        (g, tuple(x)): y for g, x, y in zip(whole.groups, whole.X, whole.y, strict=True)
+    }
     blocks = list(
         stream_codes(
             cache_file,
@@ -98,7 +100,9 @@ def test_stream_codes_yields_every_row_once_shuffled(cache_file: Path) -> None:
             rng=np.random.default_rng(0),
         )
     )
-    seen = [(g, tuple(x), y) for X, Y, G in blocks for x, y, g in zip(X, Y, G, strict=True)]
+    seen = [
+        (g, tuple(x), y) for X, Y, G in blocks for x, y, g in zip(X, Y, G, strict=True)
+    ]
     assert sorted((g, x) for g, x, _ in seen) == sorted(by_row)
     assert all(by_row[(g, x)] == y for g, x, y in seen)
     assert [g for g, _, _ in seen] != sorted(g for g, _, _ in seen)  # shuffled
