@@ -156,6 +156,12 @@ def check_parity(
 ) -> float:
     """Largest absolute difference; raise when outside the tolerances.
 
+    A row may differ by `atol + rtol * (its largest |expected| value)`. The
+    relative part is per row, not per element: SVM and SGD margins reach
+    thousands, where float32 rounding alone moves a near-zero score of the
+    same row by more than `rtol` of itself, while the row's ranking (the
+    label) is untouched.
+
     Raises:
         ExportParityError: naming what differed, by how much, and where.
     """
@@ -165,11 +171,16 @@ def check_parity(
             f"{what}: ONNX gives shape {actual.shape}, the reference {expected.shape}"
         )
     diff = np.abs(expected.astype(np.float64) - actual.astype(np.float64))
-    worst = float(diff.max()) if diff.size else 0.0
-    if not np.allclose(actual, expected, atol=atol, rtol=rtol):
-        where = np.unravel_index(int(diff.argmax()), diff.shape)
+    if diff.size == 0:
+        return 0.0
+    worst = float(diff.max())
+    scale = np.abs(expected.astype(np.float64)).reshape(len(expected), -1).max(1)
+    allowed = atol + rtol * scale.reshape((-1,) + (1,) * (diff.ndim - 1))
+    if not (diff <= allowed).all():
+        where = np.unravel_index(int((diff - allowed).argmax()), diff.shape)
         raise ExportParityError(
             f"{what}: onnxruntime and the reference differ by up to {worst:.3g} at "
-            f"{tuple(int(i) for i in where)} (tolerance atol={atol}, rtol={rtol})"
+            f"{tuple(int(i) for i in where)} (tolerance atol={atol}, rtol={rtol} of "
+            "the row's largest value)"
         )
     return worst

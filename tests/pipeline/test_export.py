@@ -246,3 +246,15 @@ def test_onnxruntime_engine_writes_the_same_codes(
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
     # The engine's graph is exported once, beside the caches.
     assert len(list(ort_run.path.parent.glob("engine-*.onnx"))) == 1
+
+
+def test_parity_tolerance_is_relative_to_each_rows_scale() -> None:
+    from features.onnx_engine import check_parity
+
+    expected = np.array([[5600.0, 0.001, -3000.0], [0.5, 0.3, 0.2]])
+    # float32 rounding on large margins: 0.03 is 5e-6 of its row.
+    shifted = expected + [[0.03, 0.03, 0.0], [0.0, 0.0, 0.0]]
+    assert check_parity(expected, shifted, what="scores") == pytest.approx(0.03)
+    # The same tolerance is tight on a row of probabilities.
+    with pytest.raises(ExportParityError, match=r"differ by up to 0.001 at \(1, 0\)"):
+        check_parity(expected, expected + [[0, 0, 0], [1e-3, 0, 0]], what="scores")
