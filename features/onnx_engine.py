@@ -118,7 +118,13 @@ def session(
         options.intra_op_num_threads = threads
     available = ort.get_available_providers()
     providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda") and "CUDAExecutionProvider" in available:
+    # NOTE: onnxruntime-gpu lists the CUDA provider even where no driver is
+    # installed, then prints an error while falling back; torch knows better.
+    if (
+        device.startswith("cuda")
+        and "CUDAExecutionProvider" in available
+        and torch.cuda.is_available()
+    ):
         providers.insert(0, "CUDAExecutionProvider")
     source = str(path_or_bytes) if isinstance(path_or_bytes, Path) else path_or_bytes
     return ort.InferenceSession(source, sess_options=options, providers=providers)
