@@ -84,7 +84,7 @@ def speed(cfg: Config, repeats: int, batches: int) -> tuple[float, float, float]
     _, reference, prep = build(cfg, folder)
     images = extract.load_images(cfg)
     files = [images.absolute(r) for r in images.records][: 32 * batches]
-    pixels = export._pixels(images, files, prep, cfg)
+    pixels = extract.load_pixels(cfg, files, prep)
     sess = session(cfg.run.out / "model.onnx")
 
     def onnx_run(batch: np.ndarray) -> Any:

@@ -33,10 +33,9 @@ from features.cache import atomic_write_text
 from features.codes import load_codes
 from features.data import ImageSet
 from features.extractor import CodeModel, extract_codes
-from features.images import decode_image
 from features.layers import TOP, spread_layers
 from features.probes import DomainStatistics, domain_statistics, logme
-from features.transforms import Normalize, eval_transform
+from features.transforms import Normalize
 from pipeline import extract, sweep
 from pipeline.config import Config
 
@@ -190,17 +189,10 @@ def _domain(cfg: Config, backbone: Any, sample: ImageSet) -> DomainStatistics:
     rng = np.random.default_rng(cfg.run.seed)
     count = min(cfg.advise.statistics_images, len(sample))
     chosen = rng.choice(len(sample), size=count, replace=False)
-    transform = eval_transform(backbone.preprocessing)
     normalize = Normalize(backbone.preprocessing.mean, backbone.preprocessing.std)
-    pixels = [
-        transform(
-            decode_image(
-                sample.absolute(sample.records[i]), background=cfg.data.background
-            )
-        )
-        for i in sorted(chosen)
-    ]
-    batches = (normalize(torch.stack(pixels[i : i + 32])) for i in range(0, count, 32))
+    files = [sample.absolute(sample.records[i]) for i in sorted(chosen)]
+    pixels = torch.from_numpy(extract.load_pixels(cfg, files, backbone.preprocessing))
+    batches = (normalize(pixels[i : i + 32]) for i in range(0, len(pixels), 32))
     return domain_statistics(backbone.model, batches)
 
 

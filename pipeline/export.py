@@ -36,9 +36,8 @@ from features.data import ImageSet
 from features.errors import DataError, ExportParityError, StageInputError
 from features.extractor import CodeModel
 from features.heads import load_head
-from features.images import decode_image
 from features.onnx_engine import check_parity, export_module, session
-from features.transforms import Preprocessing, eval_transform
+from features.transforms import Preprocessing
 from pipeline import extract, finetune
 from pipeline.config import Config
 from pipeline.evaluate import model_preprocessing
@@ -90,8 +89,8 @@ def run(cfg: Config) -> ExportResult:
         onnx_model, reference, prep = _codes(cfg, folder)
     _describe(onnx_model, cfg, meta, prep, images)
     out = cfg.run.out / "model.onnx"
-    pixels = _pixels(
-        images, _parity_records(images, cfg.export.parity_images), prep, cfg
+    pixels = extract.load_pixels(
+        cfg, _parity_records(images, cfg.export.parity_images), prep
     )
     worst = _save_checked(onnx_model, out, pixels, reference, cfg)
     result = ExportResult(
@@ -367,24 +366,6 @@ def _parity_records(images: ImageSet, count: int) -> list[Path]:
     return [images.absolute(r) for r in records[:count]]
 
 
-def _pixels(
-    images: ImageSet, files: list[Path], prep: Preprocessing, cfg: Config
-) -> npt.NDArray[np.uint8]:
-    transform = eval_transform(prep)
-    batch = []
-    for file in files:
-        try:
-            image = decode_image(
-                file, max_pixels=cfg.data.max_pixels, background=cfg.data.background
-            )
-        except Exception:  # noqa: BLE001 - unreadable images are reported at extract
-            continue
-        batch.append(transform(image).numpy())
-    if not batch:
-        raise DataError("no readable image to check the export with")
-    return np.stack(batch)
-
-
 def _save_checked(
     model: Any,
     out: Path,
@@ -407,10 +388,15 @@ def _save_checked(
     return worst
 
 
+def _feed(pixels: npt.NDArray[np.uint8], cfg: Config) -> npt.NDArray[Any]:
+    """The pixels as the graph's input type (export.input_dtype)."""
+    return pixels if cfg.export.input_dtype == "uint8" else pixels.astype(np.float32)
+
+
 def _compare(
     path: Path, pixels: npt.NDArray[np.uint8], reference: Reference, cfg: Config
 ) -> float:
-    feed = pixels if cfg.export.input_dtype == "uint8" else pixels.astype(np.float32)
+    feed = _feed(pixels, cfg)
     scores, labels = session(path).run(["scores", "label"], {"images": feed})
     expected_scores, expected_labels = reference(pixels)
     worst = check_parity(
@@ -436,7 +422,7 @@ def _variants(
     test = [images.absolute(r) for r in images.records if r.split == "test"]
     if not test:
         raise DataError("fp16/int8 accuracy needs a test split; set data.test_fraction")
-    pixels = _pixels(images, test, prep, cfg)
+    pixels = extract.load_pixels(cfg, test, prep)
     labels = np.array([r.label for r in images.records if r.split == "test"])
     base = _accuracy(fp32, pixels, labels, cfg)
     made: dict[str, Path] = {}
@@ -462,13 +448,13 @@ def _calibration(
     rng = np.random.default_rng(cfg.run.seed)
     count = min(cfg.export.calibration_images, len(train))
     chosen = sorted(rng.choice(len(train), size=count, replace=False))
-    return _pixels(images, [images.absolute(train[i]) for i in chosen], prep, cfg)
+    return extract.load_pixels(cfg, [images.absolute(train[i]) for i in chosen], prep)
 
 
 def _accuracy(
     path: Path, pixels: npt.NDArray[np.uint8], labels: npt.NDArray[Any], cfg: Config
 ) -> float:
-    feed = pixels if cfg.export.input_dtype == "uint8" else pixels.astype(np.float32)
+    feed = _feed(pixels, cfg)
     sess = session(path)
     predicted = np.concatenate(
         [

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
 
 from features.backbones import Backbone, build_backbone
 from features.cache import (
@@ -15,7 +19,7 @@ from features.cache import (
     same_codes,
 )
 from features.data import ImageSet, discover
-from features.errors import CacheMismatchError
+from features.errors import CacheMismatchError, DataError, ImageDecodeError
 from features.extractor import (
     CodeModel,
     ExtractOptions,
@@ -23,6 +27,8 @@ from features.extractor import (
     extract_codes,
     plan_codes,
 )
+from features.images import decode_image
+from features.transforms import Preprocessing, eval_transform
 from pipeline.config import Config
 
 log = logging.getLogger(__name__)
@@ -118,6 +124,34 @@ def load_images(cfg: Config) -> ImageSet:
         max_pixels=d.max_pixels,
         fingerprint=d.fingerprint,
     )
+
+
+def load_pixels(
+    cfg: Config, files: Sequence[Path], prep: Preprocessing
+) -> npt.NDArray[np.uint8]:
+    """The readable `files` decoded and resized as `prep` says: (N, 3, S, S) uint8.
+
+    Unreadable files are left out: extraction reports them (file and reason).
+
+    Raises:
+        DataError: not one of `files` is readable.
+    """
+    transform = eval_transform(prep)
+    batch = []
+    for file in files:
+        try:
+            image = decode_image(
+                file, max_pixels=cfg.data.max_pixels, background=cfg.data.background
+            )
+        except ImageDecodeError:
+            continue
+        batch.append(transform(image).numpy())
+    if not batch:
+        raise DataError(
+            f"none of the {len(files)} images could be read; `quadrant extract` "
+            "lists each unreadable file and why"
+        )
+    return np.stack(batch)
 
 
 def extract_options(cfg: Config) -> ExtractOptions:

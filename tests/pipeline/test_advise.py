@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from features import datasets
 from features.probes import DomainStatistics
 from pipeline import advise
-from pipeline.config import load_config
+from pipeline.config import Config, load_config
+from tests.conftest import write_digits_subset
 
 DOMAIN = DomainStatistics(0.1, (0.1,), 0.9, 0.2, 3.0, 10)
 
@@ -60,13 +60,7 @@ def test_decide_reports_the_figures_it_used() -> None:
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    full = datasets.write_digits(tmp_path_factory.mktemp("adv") / "all")
-    subset = full.parent / "digits"
-    for folder in sorted(full.iterdir()):
-        (subset / folder.name).mkdir(parents=True)
-        for file in sorted(folder.iterdir())[:30]:
-            shutil.copy(file, subset / folder.name / file.name)
-    return subset
+    return write_digits_subset(tmp_path_factory.mktemp("adv"), 30)
 
 
 def test_advise_on_digits_with_imagenet_weights(digits: Path, tmp_path: Path) -> None:
@@ -98,3 +92,15 @@ def test_advise_on_digits_with_imagenet_weights(digits: Path, tmp_path: Path) ->
         advice.sample,
     )
     assert large.case == advice.case + 2
+
+
+def test_advise_skips_a_corrupt_image_instead_of_crashing(
+    image_folder: Path, make_config: Callable[..., Config]
+) -> None:
+    for i in range(4):  # whatever the split, some land in the training sample
+        whole = (image_folder / "cat" / f"0{i}.png").read_bytes()
+        (image_folder / "cat" / f"truncated-{i}.png").write_bytes(whole[:300])
+    cfg = make_config(image_folder, "sweep.cv_folds=2", "advise.depths=2")
+    advice = advise.run(cfg)
+    assert advice.case in (1, 2)
+    assert advice.domain.bn_shift >= 0  # measured on the readable images

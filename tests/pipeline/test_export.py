@@ -31,11 +31,7 @@ def three_classes(tmp_path: Path) -> Path:
 
 
 def _labels_of(model: Path, images: list[Path], cfg: Config) -> np.ndarray:
-    from pipeline.export import _pixels
-
-    pixels = _pixels(
-        extract.load_images(cfg), images, extract.load_backbone(cfg).preprocessing, cfg
-    )
+    pixels = extract.load_pixels(cfg, images, extract.load_backbone(cfg).preprocessing)
     return session(model).run(["label"], {"images": pixels})[0]
 
 
