@@ -128,23 +128,45 @@ def _codes_path(
         reused.append("codes")
     key = read_info(result.path).key
     sweep_stamp = stamp(key, asdict(cfg.sweep), cfg.run.seed)
-    if _stamp_of(cfg.run.out / "sweep.json") == sweep_stamp:
-        reused.append("sweep")
-    else:
-        _timed(timings, "sweep", lambda: sweep.run(cfg))
-        _add_stamp(cfg.run.out / "sweep.json", sweep_stamp)
-    train_stamp = stamp(
-        key,
-        asdict(cfg.train),
-        cfg.run.seed,
-        _stamp_of(cfg.run.out / "sweep.json") if case == 2 else None,
+    _unless_stamped(
+        "sweep",
+        cfg.run.out / "sweep.json",
+        sweep_stamp,
+        timings,
+        reused,
+        lambda: sweep.run(cfg),
     )
-    if _stamp_of(cfg.run.out / "model" / "model.json") == train_stamp:
-        reused.append("model")
-    else:
-        _timed(timings, "train", lambda: train_stage.run(cfg))
-        _add_stamp(cfg.run.out / "model" / "model.json", train_stamp)
+    train_stamp = stamp(
+        key, asdict(cfg.train), cfg.run.seed, sweep_stamp if case == 2 else None
+    )
+    _unless_stamped(
+        "model",
+        cfg.run.out / "model" / "model.json",
+        train_stamp,
+        timings,
+        reused,
+        lambda: train_stage.run(cfg),
+        stage="train",
+    )
     return cfg
+
+
+def _unless_stamped(
+    name: str,
+    path: Path,
+    value: str,
+    timings: dict[str, float],
+    reused: list[str],
+    work: Callable[[], Any],
+    *,
+    stage: str | None = None,
+) -> None:
+    """Reuse the artefact at `path` if its stamp is `value`; else make and stamp it."""
+    if _stamp_of(path) == value:
+        reused.append(name)
+        return
+    _timed(timings, stage or name, work)
+    _add_stamp(path, value)
 
 
 def _add_stamp(path: Path, value: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +40,19 @@ def write_png(path: Path, seed: int, size: int = 32, mode: str = "RGB") -> Path:
     pixels = rng.integers(0, 256, size=(size, size, channels), dtype=np.uint8)
     Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path)
     return path
+
+
+def write_digits_subset(base: Path, per_class: int) -> Path:
+    """scikit-learn's digits written under `base`, the first `per_class` of each."""
+    from features import datasets
+
+    full = datasets.write_digits(base / "all")
+    subset = base / "digits"
+    for folder in sorted(full.iterdir()):
+        (subset / folder.name).mkdir(parents=True)
+        for file in sorted(folder.iterdir())[:per_class]:
+            shutil.copy(file, subset / folder.name / file.name)
+    return subset
 
 
 @pytest.fixture

@@ -5,28 +5,21 @@ from __future__ import annotations
 import csv
 import json
 import re
-import shutil
 from html import escape
 from pathlib import Path
 
 import pytest
 
-from features import datasets
 from pipeline import commands
 from pipeline import run as run_stage
 from pipeline.demo import demo_config
+from tests.conftest import write_digits_subset
 
 
 @pytest.fixture(scope="module")
 def digits_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Twelve digits per class: enough to measure, quick to run."""
-    full = datasets.write_digits(tmp_path_factory.mktemp("digits") / "all")
-    subset = full.parent / "subset"
-    for folder in sorted(full.iterdir()):
-        (subset / folder.name).mkdir(parents=True)
-        for file in sorted(folder.iterdir())[:12]:
-            shutil.copy(file, subset / folder.name / file.name)
-    return subset
+    return write_digits_subset(tmp_path_factory.mktemp("digits"), 12)
 
 
 def demo(root: Path, out: Path, *extra: str):  # type: ignore[no-untyped-def]

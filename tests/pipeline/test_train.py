@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,14 +12,13 @@ import h5py
 import numpy as np
 import pytest
 
-from features import datasets
 from features.errors import CacheMismatchError, DataError
 from features.heads import load_head
 from pipeline import evaluate, extract, sweep, train
 from pipeline.cli import main
 from pipeline.config import Config
 from pipeline.demo import demo_config
-from tests.conftest import write_png
+from tests.conftest import write_digits_subset, write_png
 
 MakeConfig = Callable[..., Config]
 
@@ -29,12 +27,7 @@ MakeConfig = Callable[..., Config]
 def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Config:
     """Real EfficientNet-Lite0 codes of 30 digits per class, extracted once."""
     base = tmp_path_factory.mktemp("digits-run")
-    full = datasets.write_digits(base / "all")
-    subset = base / "digits"
-    for folder in sorted(full.iterdir()):
-        (subset / folder.name).mkdir(parents=True)
-        for file in sorted(folder.iterdir())[:30]:
-            shutil.copy(file, subset / folder.name / file.name)
+    subset = write_digits_subset(base, 30)
     cfg = demo_config(
         [
             f"data.root='{subset}'",
