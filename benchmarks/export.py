@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from features.datasets import write_fashion_mnist  # noqa: E402
 from features.onnx_engine import session  # noqa: E402
-from pipeline import export, extract, finetune, train  # noqa: E402
+from pipeline import export, finetune, inputs, train  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 
 HEADS = ("logistic", "linear_svm", "svm", "sgd")
@@ -82,9 +82,9 @@ def speed(cfg: Config, repeats: int, batches: int) -> tuple[float, float, float]
     meta = export._model_meta(folder)
     build = export._finetuned if meta.get("kind") == "finetune" else export._codes
     _, reference, prep = build(cfg, folder)
-    images = extract.load_images(cfg)
+    images = inputs.load_images(cfg)
     files = [images.absolute(r) for r in images.records][: 32 * batches]
-    pixels = extract.load_pixels(cfg, files, prep)
+    pixels = inputs.load_pixels(cfg, files, prep)
     sess = session(cfg.run.out / "model.onnx")
 
     def onnx_run(batch: np.ndarray) -> Any:

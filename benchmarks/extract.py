@@ -39,13 +39,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from features.datasets import load_fashion_mnist  # noqa: E402
-from features.extractor import (  # noqa: E402
-    CodeModel,
-    CodeRunner,
-    resolve_device,
-    resolve_precision,
+from features.devices import resolve_device, resolve_precision  # noqa: E402
+from features.extractor import CodeModel, CodeRunner  # noqa: E402
+from pipeline import (
+    extract,  # noqa: E402
+    inputs,
 )
-from pipeline import extract  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 
 # Many code dimensions (about 6,300 per image): holding all codes of 10k
@@ -86,9 +85,9 @@ def config(args: argparse.Namespace, data: Path, out: Path, *extra: str) -> Conf
 
 def bare_forward(cfg: Config, count: int) -> float:
     """Images/s of the same code model on one in-memory uint8 batch, repeated."""
-    backbone = extract.load_backbone(cfg)
+    backbone = inputs.load_backbone(cfg)
     model = CodeModel(backbone, cfg.extract.layers, cfg.extract.pooling)
-    options = extract.extract_options(cfg)
+    options = inputs.extract_options(cfg)
     device = resolve_device(options.device)
     compute = CodeRunner(model, options, device, resolve_precision("auto", device))
     size = backbone.preprocessing.input_size
@@ -110,7 +109,7 @@ def bare_forward(cfg: Config, count: int) -> float:
 
 def naive_forward(cfg: Config, count: int) -> float:
     """Images/s of the plain network: fp32, NCHW, whole batches, BN not folded."""
-    backbone = extract.load_backbone(cfg)
+    backbone = inputs.load_backbone(cfg)
     device = resolve_device(cfg.extract.device)
     model = backbone.model.to(device).eval()
     size = backbone.preprocessing.input_size

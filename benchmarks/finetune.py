@@ -31,7 +31,7 @@ from torchvision import transforms
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from features.datasets import write_fashion_mnist  # noqa: E402
-from features.extractor import resolve_device  # noqa: E402
+from features.devices import resolve_device  # noqa: E402
 from pipeline import evaluate, finetune  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 

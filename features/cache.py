@@ -28,7 +28,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,6 +40,13 @@ import h5py
 import numpy as np
 import numpy.typing as npt
 
+from features.atomic import (
+    atomic_open,
+    atomic_path,
+    make_folder,
+    output_error,
+    write_text,
+)
 from features.errors import (
     CacheCorruptError,
     CacheLockedError,
@@ -115,6 +121,7 @@ class ShardStore:
         self.shard_rows = shard_rows
         self.specs = tuple(specs)
         self.dtype = np.dtype(dtype)
+        self.finished = False
         self._lock = filelock.FileLock(str(parts) + ".lock")
 
     @property
@@ -127,7 +134,7 @@ class ShardStore:
         )
 
     def __enter__(self) -> ShardStore:
-        self.parts.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(self.parts.parent, setting="extract.cache_dir")
         try:
             self._lock.acquire(timeout=0)
         except filelock.Timeout:
@@ -135,11 +142,19 @@ class ShardStore:
                 f"another quadrant process is extracting into {self.parts}; wait "
                 f"for it to finish (or, if none runs, delete {self._lock.lock_file})"
             ) from None
+        except OSError as err:  # a read-only or full cache folder
+            raise output_error(
+                Path(self._lock.lock_file), err, setting="extract.cache_dir"
+            ) from err
         self._open_manifest()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
+        if self.finished:
+            # NOTE: a lock file outliving its cache only confuses; a process
+            # arriving now finds the finished file before it looks for a lock.
+            Path(self._lock.lock_file).unlink(missing_ok=True)
 
     def _manifest(self) -> dict[str, Any]:
         return {
@@ -164,8 +179,8 @@ class ShardStore:
                 "discarding shards in %s written with other settings", self.parts
             )
             shutil.rmtree(self.parts)
-        self.parts.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(path, json.dumps(wanted, indent=1).encode())
+        make_folder(self.parts)
+        write_text(path, json.dumps(wanted, indent=1))
 
     def _shard_path(self, shard: int) -> Path:
         return self.parts / f"shard-{shard:06d}.npz"
@@ -210,14 +225,8 @@ class ShardStore:
                 )
         arrays["ok"] = ok
         arrays["reasons"] = np.asarray(list(reasons), dtype=str)
-        path = self._shard_path(shard)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        with open(tmp, "wb") as handle:
+        with atomic_open(self._shard_path(shard), "wb") as handle:
             np.savez(handle, **arrays)  # type: ignore[arg-type]
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(self.parts)
 
     def read(
         self, shard: int
@@ -263,8 +272,7 @@ def assemble(
     new_index = np.full(len(table.paths), -1, dtype=np.int64)
     new_index[keep] = np.arange(len(keep))
     row_keep = image_ok[table.row_image]
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    with h5py.File(tmp, "w") as h5:
+    with atomic_path(final) as tmp, h5py.File(tmp, "w") as h5:
         _write_images(h5, table, keep, new_index, row_keep)
         skipped_all = sorted([*skipped, *failures])
         _write_strings(h5, "skipped/path", [p for p, _ in skipped_all])
@@ -287,11 +295,9 @@ def assemble(
             }
         )
         # Set last: a file without it was not finished (belt and braces, since
-        # the rename below is what publishes the file).
+        # the rename that atomic_path does is what publishes the file).
         h5.attrs["complete"] = True
-    _fsync_file(tmp)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    store.finished = True
     shutil.rmtree(store.parts, ignore_errors=True)
     return final
 
@@ -565,37 +571,3 @@ def _diff(prefix: str, a: Any, b: Any, out: list[str]) -> None:
             _diff(f"{prefix}{key}.", a.get(key), b.get(key), out)
     elif a != b:
         out.append(f"{prefix.rstrip('.')}: expected {a!r}, found {b!r}")
-
-
-# ---------------------------------------------------------------------------
-# Durable file operations
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file so that readers see the old or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, text.encode())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    # NOTE: a rename is durable only once the folder entry is on disk too.
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -138,6 +138,7 @@ def discover(
         )
     listed, skipped = _read_manifest(root) if root.is_file() else _scan_folders(root)
     base = root.parent if root.is_file() else root
+    listed = _one_entry_per_file(base, listed, links=not root.is_file())
     listed, more = _probe_all(base, listed, max_pixels, workers)
     skipped += more
     label_names = _label_names(listed, root)
@@ -254,8 +255,16 @@ def _visible_files(folder: Path) -> list[Path]:
 
 def _walk_files(folder: Path) -> Iterable[Path]:
     # NOTE: dot files (.DS_Store, editor swap files) are never images; nested
-    # folders inside a class folder belong to the class.
+    # folders inside a class folder belong to the class. Symbolic links to
+    # folders are followed (data sets are often assembled from links), but no
+    # folder is visited twice, so a link to a parent cannot loop.
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here = os.stat(dirpath)
+        if (here.st_dev, here.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((here.st_dev, here.st_ino))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             if not name.startswith("."):
@@ -285,8 +294,21 @@ def _read_manifest(csv_path: Path) -> tuple[list[_Listed], list[Skipped]]:
             for row in reader
         ]
     listed: list[_Listed] = []
+    lines: dict[str, list[tuple[int, _Listed]]] = defaultdict(list)
     for line, row in enumerate(rows, start=2):
-        listed.append(_manifest_row(csv_path, line, row))
+        item = _manifest_row(csv_path, line, row)
+        if item in (entry for _, entry in lines[item[0]]):
+            log.warning("%s line %d repeats an earlier row; dropped", csv_path, line)
+            continue
+        lines[item[0]].append((line, item))
+        listed.append(item)
+    for path, entries in lines.items():
+        if len(entries) > 1:
+            raise DataError(
+                f"{csv_path} lists {path} on lines {[n for n, _ in entries]} with "
+                f"different labels or splits ({[e[1:] for _, e in entries]}); one "
+                "image has one label and one split: keep one of the rows"
+            )
     if not listed:
         raise DataError(f"{csv_path} lists no images")
     return listed, []
@@ -306,6 +328,47 @@ def _manifest_row(csv_path: Path, line: int, row: dict[str, str]) -> _Listed:
     path = Path(row["path"])
     rel = path.as_posix() if not path.is_absolute() else str(path)
     return rel, row["label"], split
+
+
+def _one_entry_per_file(
+    base: Path, listed: list[_Listed], *, links: bool
+) -> list[_Listed]:
+    """Each file once: the same file reached twice (links, two spellings of a
+    path) keeps one entry when label and split agree, and is refused when
+    they do not, since one image in two classes or two splits poisons both.
+
+    `links`: resolve symbolic links (folders); a manifest's paths are only
+    normalised, which keeps a million-row CSV quick.
+
+    Raises:
+        DataError: naming the entries of a file listed with different labels
+            or splits.
+    """
+    by_file: dict[str, list[_Listed]] = defaultdict(list)
+    same = os.path.realpath if links else os.path.normpath
+    for item in listed:
+        by_file[same(base / item[0])].append(item)
+    kept = []
+    for file, items in by_file.items():
+        if len({(label, split) for _, label, split in items}) > 1:
+            shown = [
+                f"{path} ({label}, {split or 'auto split'})"
+                for path, label, split in items
+            ]
+            raise DataError(
+                f"{file} is listed {len(items)} times with different labels or "
+                f"splits: {shown}. One image must have one label and one split: "
+                "remove the extra links or rows"
+            )
+        if len(items) > 1:
+            log.warning(
+                "%s is reached %d times (%s); using it once",
+                file,
+                len(items),
+                ", ".join(path for path, _, _ in items),
+            )
+        kept.append(min(items))
+    return kept
 
 
 def _probe_all(

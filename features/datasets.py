@@ -22,7 +22,6 @@ import inspect
 import logging
 import math
 import os
-import shutil
 import socket
 import struct
 import time
@@ -37,6 +36,7 @@ import numpy.typing as npt
 from joblib import Parallel, delayed
 from PIL import Image
 
+from features.atomic import staged_folder
 from features.errors import ConfigError, DataError, StageInputError
 
 logger = logging.getLogger(__name__)
@@ -539,54 +539,18 @@ def _is_stray(path: Path) -> bool:
 
 @contextmanager
 def _staged_folder(out: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty hidden sibling of `out`, and rename it to `out` on success.
+    """Yield an empty hidden sibling of `out`; it replaces `out` on success.
 
-    On an exception the sibling is deleted; a run killed outright leaves only the
-    hidden ``.<name>.tmp-<pid>`` folder, never a half-written `out`.
+    On an exception the sibling is deleted; a run killed outright leaves only
+    a hidden staging folder, never a half-written `out` (the next command
+    removes it).
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    # NOTE: left over by a killed run whose pid this process now has.
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     started = time.perf_counter()
-    try:
+    with staged_folder(out) as staging:
         yield staging
-        _move_into_place(staging, out, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        # NOTE: checked again at the end: someone may have filled `out` since.
+        _check_target(out, overwrite=overwrite)
     logger.info("Wrote %s in %.1f s", out, time.perf_counter() - started)
-
-
-def _move_into_place(staging: Path, out: Path, *, overwrite: bool) -> None:
-    """Rename the complete `staging` folder to `out`.
-
-    Raises:
-        DataError: if `out` was filled by someone else in the meantime.
-    """
-    _check_target(out, overwrite=overwrite)
-    if not overwrite or not out.exists():
-        try:
-            # NOTE: atomic, and fails rather than merges if `out` is not empty.
-            os.replace(staging, out)
-        except OSError as err:
-            raise DataError(
-                f"Cannot move the new data set into {out} ({err}); choose another "
-                "folder, or pass overwrite=True to replace it."
-            ) from err
-        return
-    # NOTE: a folder cannot be renamed over a non-empty one, so the old data set
-    # moves aside first; a crash in between leaves `out` missing, never partial.
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)  # NOTE: as for the staging folder
-    os.replace(out, old)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(old, out)  # NOTE: put the old data set back
-        raise
-    shutil.rmtree(old)
 
 
 def _write_pngs(

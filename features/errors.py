@@ -57,6 +57,10 @@ class CacheLockedError(CacheError, OSError):
     """Another process is writing the cache this process wants."""
 
 
+class OutputError(PipelineError, OSError):
+    """A result cannot be written: full disk, read-only folder, a file in the way."""
+
+
 class ExportParityError(PipelineError):
     """An exported model disagrees with the model it was exported from."""
 

@@ -17,9 +17,7 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import platform
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +31,6 @@ import torch
 import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from features.backbones import Backbone
 from features.cache import (
@@ -46,17 +43,24 @@ from features.cache import (
     open_cache,
 )
 from features.data import ImageSet
-from features.errors import CacheMismatchError, ConfigError, ImageDecodeError
+from features.devices import (
+    PRECISION_DTYPES,
+    default_workers,
+    resolve_device,
+    resolve_precision,
+)
+from features.errors import CacheMismatchError, ImageDecodeError
 from features.images import DEFAULT_MAX_PIXELS, decode_image
 from features.layers import (
     build_feature_extractor,
     depth_order,
-    parse_pooling,
     pool,
     pooled_name,
     resolve_layers,
 )
 from features.optimize import fold_batchnorm
+from features.pooling import parse_pooling
+from features.progress import progress_bar
 from features.transforms import (
     VIEW_CROP_SCALE,
     Normalize,
@@ -66,9 +70,6 @@ from features.transforms import (
 )
 
 log = logging.getLogger(__name__)
-
-PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass(frozen=True)
 class ExtractOptions:
@@ -111,56 +112,6 @@ class ExtractResult:
     @property
     def images_per_second(self) -> float:
         return self.computed_rows / self.seconds if self.seconds > 0 else 0.0
-
-
-def resolve_device(spec: str) -> torch.device:
-    """ "auto" picks CUDA, then Apple MPS, then the CPU.
-
-    Raises:
-        ConfigError: a device was named that this machine does not have.
-    """
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"extract.device = {spec!r} but no CUDA device is visible; use "
-            "'auto' or 'cpu'"
-        )
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(
-            f"extract.device = {spec!r} but only {torch.cuda.device_count()} CUDA "
-            "device(s) are visible"
-        )
-    return device
-
-
-def resolve_precision(spec: str, device: torch.device) -> str:
-    """ "auto" is bf16 on GPUs that have it, fp16 on other GPUs, fp32 elsewhere."""
-    if spec != "auto":
-        return spec
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def default_workers(device: torch.device) -> int:
-    """Data loader processes: enough to feed a GPU, few enough not to starve a CPU."""
-    cpus = (
-        len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else (os.cpu_count() or 1)
-    )
-    if device.type == "cuda":
-        return max(1, min(8, cpus - 1))
-    # NOTE: on the CPU the network and the decoders share the cores; one
-    # helper process overlaps decoding with compute (measured in
-    # benchmarks/extract.py), more only steal cores from the network.
-    return 1 if cpus > 1 else 0
 
 
 class CodeModel(nn.Module):
@@ -349,6 +300,8 @@ def extract_codes(
         dtype=options.dtype,
     )
     with store:
+        if final.exists():  # another process finished it while we waited
+            return _reuse(final, key, start)
         todo = sorted(set(range(store.n_shards)) - set(store.committed()))
         computed = sum(len(store.rows(s)) for s in todo)
         if todo:
@@ -459,20 +412,6 @@ def _runner(
         size = model.preprocessing.input_size
         export_code_model(model, model.specs, size, path)
     return OnnxRunner(path, [s.name for s in model.specs], device)
-
-
-def progress_bar(total: int, *, initial: int = 0, desc: str, enabled: bool) -> tqdm:
-    """A tqdm bar with items/s and ETA; sparse updates when stderr is a log file."""
-    return tqdm(
-        total=total,
-        initial=initial,
-        unit="img",
-        desc=desc,
-        disable=not enabled,
-        dynamic_ncols=True,
-        file=sys.stderr,
-        mininterval=1.0 if sys.stderr.isatty() else 30.0,
-    )
 
 
 def _loader(
@@ -615,11 +554,16 @@ def _provenance(
             "fold_batchnorm": model.folded > 0,
         },
         "decode": {"background": list(options.background)},
-        "images": {
-            "fingerprint": images.fingerprint,
-            "count": len(images),
-            "labels": list(images.label_names),
-        },
+        "images": image_identity(images),
+    }
+
+
+def image_identity(images: ImageSet) -> dict[str, Any]:
+    """The provenance entry of an image set: which images, under which labels."""
+    return {
+        "fingerprint": images.fingerprint,
+        "count": len(images),
+        "labels": list(images.label_names),
     }
 
 

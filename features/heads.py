@@ -1,253 +1,176 @@
-"""Saving and loading trained classifiers ("heads") on codes.
+"""Saving and loading trained scikit-learn classifiers ("heads") without pickle.
 
-A head is saved in a folder:
+A head is a fitted scikit-learn `Pipeline` (preprocessing steps, then `clf`)
+stored with skops (`skops.io`), scikit-learn's own safe format: loading
+rebuilds the objects from a schema and refuses any type outside an explicit
+trusted list, so a planted file cannot run code. pickle and joblib run
+whatever a file tells them to on load, so quadrant neither writes nor reads
+them for models.
 
-- `model.json`: what it is and what it expects (classifier, layer, pooling,
-  the code cache key, label names, chosen hyper-parameters, library versions,
-  the sha256 of the joblib file);
-- `model.joblib`: the fitted scikit-learn pipeline (every head);
-- `model.npz`: for linear heads (standardize / l2 / PCA, then logistic,
-  linear SVM or SGD), the same pipeline as plain arrays, which loads without
-  running any code.
-
-joblib (pickle) runs code on load, so `load_head` reads `model.npz` when it
-exists and otherwise only a `model.joblib` whose sha256 matches the one
-recorded when quadrant wrote it. Loading checks that the rebuilt pipeline
-reproduces the predictions recorded at save time.
+Every head is saved with a few code rows and their scores: loading predicts
+them again and refuses a head that no longer gives the same scores (a
+scikit-learn upgrade that changed a format, a file edited by hand).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 import numpy.typing as npt
-import sklearn
-from sklearn.base import BaseEstimator
-from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import Normalizer, StandardScaler
-from sklearn.svm import LinearSVC
 
-from features.cache import atomic_write_text, diff_provenance, same_codes
+from features.atomic import atomic_path
 from features.errors import CacheMismatchError, StageInputError
 
-FORMAT = "quadrant-head"
-FORMAT_VERSION = 1
-_LINEAR = {
-    "LogisticRegression": LogisticRegression,
-    "LinearSVC": LinearSVC,
-    "SGDClassifier": SGDClassifier,
-}
+# NOTE: skops trusts scikit-learn's estimators and numpy/scipy containers by
+# default and nothing else; quadrant adds no type of its own to that list, so
+# a head file holding anything but those is refused before it is loaded.
+TRUSTED_TYPES: tuple[str, ...] = ()
+PROBE_ROWS = 16  # code rows whose scores are pinned with the saved head
 
 
 @dataclass(frozen=True)
-class Head:
-    """A trained classifier with what it was trained on."""
+class Scores:
+    """A model's class scores for a batch, and what kind of numbers they are.
 
-    pipeline: Pipeline
-    metadata: dict[str, Any]
+    Attributes:
+        values: (N, K) scores; column k is the evidence for class k.
+        labels: (N,) the predicted class index.
+        kind: "probability" (rows sum to 1) or "margin" (decision values).
+    """
 
-    @property
-    def label_names(self) -> tuple[str, ...]:
-        return tuple(self.metadata["label_names"])
+    values: npt.NDArray[np.float64]
+    labels: npt.NDArray[np.int64]
+    kind: str
 
-    def check_codes(
-        self, provenance: Mapping[str, Any], label_names: Sequence[str]
-    ) -> None:
-        """Refuse codes other than those the head was trained on.
+    def chosen(self) -> npt.NDArray[np.float64]:
+        """The score of the predicted class of each row."""
+        return self.values[np.arange(len(self.labels)), self.labels]
 
-        Codes that differ only in float rounding (another device, precision
-        or batch size) are accepted.
 
-        Raises:
-            CacheMismatchError: other classes, or codes of another backbone,
-                layer set, preprocessing or image set, listing the differences.
-        """
-        if tuple(label_names) != self.label_names:
-            raise CacheMismatchError(
-                f"the model was trained on classes {list(self.label_names)}, the "
-                f"codes have {list(label_names)}; run `quadrant train` again"
-            )
-        trained = self.metadata["provenance"]
-        if not same_codes(trained, provenance):
-            raise CacheMismatchError(
-                "the model was trained on other codes than these:\n  "
-                + "\n  ".join(diff_provenance(trained, provenance))
-                + "\nRun `quadrant train` again (or restore the config it used)."
-            )
+def score_kind(pipeline: Pipeline) -> str:
+    """ "probability" for logistic regression, "margin" for every other head.
+
+    NOTE: SGD's one-vs-rest probabilities saturate (ties at 1.0 pick labels
+    arbitrarily), so SGD heads report decision values, like the SVMs.
+    """
+    clf = pipeline.steps[-1][1]
+    return "probability" if isinstance(clf, LogisticRegression) else "margin"
+
+
+def head_scores(pipeline: Pipeline, codes: npt.NDArray[Any]) -> Scores:
+    """The head's scores on code rows, one column per class.
+
+    Labels come from `predict`, not from the scores' argmax: saturated
+    probabilities can tie, and argmax over ties picks the wrong class. Column
+    k is class k: the train stage fits every head on all classes 0..K-1.
+    """
+    kind = score_kind(pipeline)
+    if kind == "probability":
+        values = pipeline.predict_proba(codes)
+    else:
+        values = pipeline.decision_function(codes)
+        if values.ndim == 1:  # binary: the margin of class 1, as two columns
+            values = np.stack([-values, values], axis=1)
+    labels = np.asarray(pipeline.predict(codes), dtype=np.int64)
+    return Scores(np.asarray(values, dtype=np.float64), labels, kind)
 
 
 def save_head(
-    folder: Path,
-    pipeline: Pipeline,
-    metadata: Mapping[str, Any],
-    probe: npt.NDArray[np.floating[Any]],
-) -> Path:
-    """Write the head's files; `probe` (a few code rows) pins its predictions."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"model.joblib.tmp-{id(pipeline)}"
-    joblib.dump(pipeline, tmp)
-    tmp.replace(folder / "model.joblib")
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        **metadata,
+    path: Path, pipeline: Pipeline, probe: npt.NDArray[np.floating[Any]]
+) -> dict[str, Any]:
+    """Write the head to `path` (skops); return what pins it, for the model record.
+
+    Args:
+        path: the file to write (atomically).
+        pipeline: the fitted scikit-learn pipeline.
+        probe: a few code rows; their scores are recorded and checked on load.
+    """
+    import sklearn
+    import skops.io as sio
+
+    probe = np.ascontiguousarray(probe[:PROBE_ROWS])
+    with atomic_path(path) as tmp:
+        sio.dump({"pipeline": pipeline, "probe": probe}, tmp)
+    return {
+        "file": Path(path).name,
+        "format": "skops",
         "sklearn": sklearn.__version__,
-        "joblib_sha256": _sha256(folder / "model.joblib"),
-        "probe_scores": _scores(pipeline, probe).tolist(),
+        "probe_scores": head_scores(pipeline, probe).values.tolist(),
     }
-    arrays = _linear_arrays(pipeline)
-    npz = folder / "model.npz"
-    if arrays is not None:
-        arrays["probe"] = probe
-        with open(folder / "model.npz.tmp", "wb") as handle:
-            np.savez(handle, **arrays)  # type: ignore[arg-type]
-        (folder / "model.npz.tmp").replace(npz)
-        meta["npz_steps"] = [_step_kind(step) for _, step in pipeline.steps]
-    else:
-        npz.unlink(missing_ok=True)
-        np.save(folder / "probe.npy", probe)
-    atomic_write_text(folder / "model.json", json.dumps(meta, indent=2) + "\n")
-    return folder
 
 
-def load_head(folder: Path, *, allow_joblib: bool = True) -> Head:
-    """Load a head written by `save_head`, preferring the code-free arrays.
+def load_head(path: Path, pinned: dict[str, Any]) -> Pipeline:
+    """Load a head written by `save_head` and check it still scores as saved.
+
+    Args:
+        path: the skops file.
+        pinned: what `save_head` returned (kept in the model record).
 
     Raises:
-        StageInputError: no model in `folder`.
-        CacheMismatchError: the files were changed since quadrant wrote them,
-            or the rebuilt model predicts differently than when saved.
+        StageInputError: the file is missing.
+        CacheMismatchError: the file holds types outside the trusted list, is
+            not a head, or no longer predicts what it predicted when saved.
     """
-    meta_file = folder / "model.json"
-    if not meta_file.is_file():
+    import sklearn
+    import skops.io as sio
+
+    path = Path(path)
+    if not path.is_file():
         raise StageInputError(
-            f"no trained model in {folder}; run `quadrant train` first"
+            f"{path} not found; run `quadrant train` to train the model again"
         )
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise CacheMismatchError(f"{meta_file} is not a quadrant model of this version")
-    if (folder / "model.npz").is_file():
-        pipeline, probe = _from_arrays(folder / "model.npz", meta["npz_steps"])
-    elif allow_joblib:
-        pipeline, probe = _from_joblib(folder, meta), np.load(folder / "probe.npy")
-    else:
+    try:
+        untrusted = sio.get_untrusted_types(file=path)
+    except Exception as err:  # zip, JSON and schema errors all mean "not a head"
         raise CacheMismatchError(
-            f"{folder} holds a {meta['classifier']} model, which only exists as "
-            "joblib (pickle); load it with allow_joblib=True or use its ONNX export"
+            f"{path} is not a readable skops file ({type(err).__name__}: {err}); "
+            "run `quadrant train` again"
+        ) from err
+    refused = sorted(set(untrusted) - set(TRUSTED_TYPES))
+    if refused:
+        raise CacheMismatchError(
+            f"{path} holds types quadrant does not load ({', '.join(refused)}): it "
+            "was not written by quadrant. Delete it and run `quadrant train` again."
         )
-    if not np.allclose(
-        _scores(pipeline, probe), meta["probe_scores"], rtol=1e-5, atol=1e-6
+    stored = sio.load(path, trusted=list(TRUSTED_TYPES))
+    pipeline, probe = _unpack(stored, path)
+    saved = np.asarray(pinned["probe_scores"])
+    now = head_scores(pipeline, probe).values
+    if now.shape != saved.shape or not np.allclose(now, saved, rtol=1e-5, atol=1e-6):
+        raise CacheMismatchError(
+            f"the head in {path} no longer predicts what it predicted when saved "
+            f"(scikit-learn {pinned.get('sklearn')} then, {sklearn.__version__} "
+            "now, or an edited file); run `quadrant train` again"
+        )
+    return pipeline
+
+
+def _unpack(stored: Any, path: Path) -> tuple[Pipeline, npt.NDArray[Any]]:
+    if (
+        not isinstance(stored, dict)
+        or not isinstance(stored.get("pipeline"), Pipeline)
+        or not isinstance(stored.get("probe"), np.ndarray)
     ):
         raise CacheMismatchError(
-            f"the model in {folder} no longer predicts what it predicted when saved "
-            f"(scikit-learn {meta['sklearn']} then, {sklearn.__version__} now?); "
-            "run `quadrant train` again"
+            f"{path} is not a quadrant head; run `quadrant train` again"
         )
-    return Head(pipeline, meta)
+    return stored["pipeline"], stored["probe"]
 
 
-def _from_joblib(folder: Path, meta: Mapping[str, Any]) -> Pipeline:
-    file = folder / "model.joblib"
-    if _sha256(file) != meta["joblib_sha256"]:
+def check_label_names(trained: Sequence[str], found: Sequence[str], fix: str) -> None:
+    """Refuse data whose classes are not the ones a model was trained on.
+
+    Raises:
+        CacheMismatchError: naming both class lists and the fix.
+    """
+    if tuple(trained) != tuple(found):
         raise CacheMismatchError(
-            f"{file} changed since quadrant wrote it (sha256 mismatch); joblib runs "
-            "code on load, so it is refused. Run `quadrant train` again."
+            f"the model was trained on classes {list(trained)}, the data has "
+            f"{list(found)}; {fix}"
         )
-    return joblib.load(file)
-
-
-def _scores(pipeline: Pipeline, X: npt.NDArray[np.floating[Any]]) -> npt.NDArray[Any]:
-    if hasattr(pipeline, "predict_proba") and _has_proba(pipeline):
-        return np.asarray(pipeline.predict_proba(X))
-    return np.asarray(pipeline.decision_function(X))
-
-
-def _has_proba(pipeline: Pipeline) -> bool:
-    clf = pipeline.steps[-1][1]
-    return isinstance(clf, LogisticRegression) or getattr(clf, "loss", "") == "log_loss"
-
-
-def _sha256(file: Path) -> str:
-    return hashlib.sha256(file.read_bytes()).hexdigest()
-
-
-# ---------------------------------------------------------------------------
-# Linear heads as arrays
-
-
-def _step_kind(step: BaseEstimator) -> str:
-    return type(step).__name__
-
-
-def _linear_arrays(pipeline: Pipeline) -> dict[str, npt.NDArray[Any]] | None:
-    arrays: dict[str, npt.NDArray[Any]] = {}
-    for i, (_, step) in enumerate(pipeline.steps):
-        if isinstance(step, StandardScaler):
-            arrays[f"{i}/mean"] = _or_zero(step.mean_, step.n_features_in_)
-            arrays[f"{i}/scale"] = _or_one(step.scale_, step.n_features_in_)
-        elif isinstance(step, Normalizer):
-            arrays[f"{i}/norm"] = np.array(step.norm)
-            arrays[f"{i}/n_features"] = np.array(step.n_features_in_)
-        elif isinstance(step, PCA) and not step.whiten:
-            arrays[f"{i}/components"] = step.components_
-            arrays[f"{i}/mean"] = step.mean_
-        elif type(step).__name__ in _LINEAR:
-            arrays[f"{i}/coef"] = step.coef_
-            arrays[f"{i}/intercept"] = np.atleast_1d(step.intercept_)
-            arrays[f"{i}/classes"] = step.classes_
-        else:
-            return None
-    return arrays
-
-
-def _or_zero(value: Any, n: int) -> npt.NDArray[Any]:
-    return np.zeros(n) if value is None else np.asarray(value)
-
-
-def _or_one(value: Any, n: int) -> npt.NDArray[Any]:
-    return np.ones(n) if value is None else np.asarray(value)
-
-
-def _from_arrays(file: Path, kinds: Sequence[str]) -> tuple[Pipeline, npt.NDArray[Any]]:
-    with np.load(file, allow_pickle=False) as data:
-        steps = [
-            (kind.lower(), _rebuild(kind, i, data)) for i, kind in enumerate(kinds)
-        ]
-        probe = data["probe"]
-    steps[-1] = ("clf", steps[-1][1])
-    return Pipeline(steps), probe
-
-
-def _rebuild(kind: str, i: int, data: Any) -> BaseEstimator:
-    """Set exactly the fitted attributes scikit-learn reads at predict time."""
-    if kind == "StandardScaler":
-        step: Any = StandardScaler()
-        step.mean_, step.scale_ = data[f"{i}/mean"], data[f"{i}/scale"]
-        step.var_ = step.scale_**2
-        step.n_features_in_ = len(step.mean_)
-        step.n_samples_seen_ = 0
-    elif kind == "Normalizer":
-        step = Normalizer(norm=str(data[f"{i}/norm"]))
-        step.n_features_in_ = int(data[f"{i}/n_features"])
-    elif kind == "PCA":
-        step = PCA()
-        step.components_, step.mean_ = data[f"{i}/components"], data[f"{i}/mean"]
-        step.n_components_, step.n_features_in_ = step.components_.shape
-        step.explained_variance_ = np.ones(step.n_components_)
-    else:
-        step = _LINEAR[kind]()
-        if kind == "SGDClassifier":
-            step.set_params(loss="log_loss")
-        step.coef_, step.intercept_ = data[f"{i}/coef"], data[f"{i}/intercept"]
-        step.classes_ = data[f"{i}/classes"]
-        step.n_features_in_ = step.coef_.shape[1]
-    return step

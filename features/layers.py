@@ -15,9 +15,7 @@ makes it cheaper.
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
@@ -27,47 +25,11 @@ from torchvision.models.feature_extraction import (
 )
 
 from features.errors import BackboneError
+from features.pooling import Pooling
 
 TOP = "top"
-_GRID = re.compile(r"^grid:(\d+)$")
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
-
-
-@dataclass(frozen=True)
-class Pooling:
-    """How a spatial map (N, C, H, W) or token sequence (N, L, D) becomes a vector."""
-
-    kind: str  # "avg", "max", "avg+max" or "grid"
-    grid: int = 0
-
-    @property
-    def spec(self) -> str:
-        return f"grid:{self.grid}" if self.kind == "grid" else self.kind
-
-    def dims(self, channels: int) -> int:
-        """Code length for a map with `channels` channels."""
-        if self.kind == "avg+max":
-            return 2 * channels
-        if self.kind == "grid":
-            return channels * self.grid * self.grid
-        return channels
-
-
-def parse_pooling(spec: str) -> Pooling:
-    """Parse "avg", "max", "avg+max" or "grid:K" (adaptive average to K x K).
-
-    Raises:
-        ValueError: for any other spelling.
-    """
-    if spec in ("avg", "max", "avg+max"):
-        return Pooling(spec)
-    match = _GRID.match(spec)
-    if match and int(match.group(1)) >= 1:
-        return Pooling("grid", int(match.group(1)))
-    raise ValueError(
-        f"{spec!r} is not a pooling; use avg, max, avg+max or grid:K with K >= 1"
-    )
 
 
 def pool(tensor: torch.Tensor, pooling: Pooling) -> torch.Tensor:

@@ -10,7 +10,6 @@ importing quadrant does not load them.
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from features.atomic import atomic_path
 from features.errors import ExportParityError
 
 DEFAULT_OPSET = 17
@@ -99,9 +99,8 @@ def export_code_model(
     onnx_model = export_module(
         _TupleOutputs(model, names), input_size, outputs, opset=opset
     )
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    onnx.save(onnx_model, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        onnx.save(onnx_model, tmp)
     return path
 
 
@@ -190,3 +189,108 @@ def check_parity(
             "the row's largest value)"
         )
     return worst
+
+
+# ---------------------------------------------------------------------------
+# scikit-learn heads and joined graphs
+
+
+def head_graph(pipeline: Any, dims: int, opset: int) -> Any:
+    """The scikit-learn head as an ONNX graph from codes (N, dims) to label, scores."""
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.pipeline import Pipeline
+    from sklearn.svm import LinearSVC
+
+    clf = pipeline.steps[-1][1]
+    if isinstance(clf, LinearSVC):
+        pipeline = Pipeline([*pipeline.steps[:-1], ("clf", _as_hinge_sgd(clf))])
+        clf = pipeline.steps[-1][1]
+    # Scores as a plain (N, K) tensor rather than a list of dicts.
+    chosen: dict[str, Any] = {"zipmap": False}
+    if type(clf).__name__ == "SGDClassifier" and getattr(clf, "loss", "") == "log_loss":
+        chosen["raw_scores"] = True
+    options = {id(clf): chosen}
+    return to_onnx(
+        pipeline,
+        initial_types=[("codes", FloatTensorType([None, dims]))],
+        target_opset={"": opset, "ai.onnx.ml": 3},
+        options=options,
+    )
+
+
+def _as_hinge_sgd(svc: Any) -> Any:
+    """The same linear decision function as an SGDClassifier(loss="hinge").
+
+    NOTE: skl2onnx 1.20's LinearSVC converter asks for a `zipmap` option that
+    LinearSVC does not accept (a NameError); its SGD converter computes the
+    identical coef . x + intercept.
+    """
+    from sklearn.linear_model import SGDClassifier
+
+    surrogate = SGDClassifier(loss="hinge")
+    surrogate.coef_, surrogate.intercept_ = svc.coef_, svc.intercept_
+    surrogate.classes_, surrogate.n_features_in_ = svc.classes_, svc.n_features_in_
+    return surrogate
+
+
+def join_graphs(body: Any, head: Any, *, swap_columns: bool = False) -> Any:
+    """One graph: images -> body -> codes -> head -> (scores, label).
+
+    `swap_columns`: skl2onnx reports a binary SVC's scores as (margin,
+    -margin); swapping gives (-margin, margin), so that column k is always
+    the evidence for class k, as for every other head.
+    """
+    import onnx
+    from onnx import compose, helper
+
+    head = compose.add_prefix(head, "head/")
+    outputs = {o.name for o in head.graph.output}
+    label = next(n for n in outputs if n.endswith("label"))
+    scores = next(n for n in outputs if n.endswith("probabilities"))
+    head.ir_version = body.ir_version = min(body.ir_version, head.ir_version)
+    merged = compose.merge_models(
+        body, head, io_map=[("codes", "head/codes")], outputs=[scores, label]
+    )
+    # Stable public names for the two outputs.
+    merged.graph.node.extend(
+        [
+            *_scores_nodes(scores, swap_columns),
+            helper.make_node("Identity", [label], ["label"], name="head/label"),
+        ]
+    )
+    for out in list(merged.graph.output):
+        merged.graph.output.remove(out)
+    merged.graph.output.extend(
+        [
+            helper.make_tensor_value_info(
+                "scores", onnx.TensorProto.FLOAT, ["batch", None]
+            ),
+            helper.make_tensor_value_info("label", onnx.TensorProto.INT64, ["batch"]),
+        ]
+    )
+    # merge_models repeats the default domain once per input model.
+    versions: dict[str, int] = {}
+    for entry in merged.opset_import:
+        versions[entry.domain] = max(versions.get(entry.domain, 0), entry.version)
+    del merged.opset_import[:]
+    merged.opset_import.extend(helper.make_opsetid(d, v) for d, v in versions.items())
+    onnx.checker.check_model(merged)
+    return merged
+
+
+def _scores_nodes(scores: str, swap: bool) -> list[Any]:
+    from onnx import helper, numpy_helper
+
+    if not swap:
+        return [helper.make_node("Identity", [scores], ["scores"], name="head/scores")]
+    order = numpy_helper.from_array(np.array([1, 0], dtype=np.int64))
+    indices = helper.make_node(
+        "Constant", [], ["head/swap"], value=order, name="head/swap_indices"
+    )
+    return [
+        indices,
+        helper.make_node(
+            "Gather", [scores, "head/swap"], ["scores"], axis=1, name="head/scores"
+        ),
+    ]

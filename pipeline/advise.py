@@ -19,7 +19,6 @@ and the recommended settings go to `advice.json`.
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 from dataclasses import asdict, dataclass
@@ -29,15 +28,15 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from features.cache import atomic_write_text
+from features.atomic import write_json
 from features.codes import load_codes
 from features.data import ImageSet
 from features.extractor import CodeModel, extract_codes
 from features.layers import TOP, spread_layers
 from features.probes import DomainStatistics, domain_statistics, logme
 from features.transforms import Normalize
-from pipeline import extract, sweep
-from pipeline.config import Config
+from pipeline import inputs, sweep
+from pipeline.config import Config, config_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +108,8 @@ def run(cfg: Config) -> Advice:
     Raises:
         DataError, BackboneError: as the extraction stage.
     """
-    backbone = extract.load_backbone(cfg)
-    images = extract.load_images(cfg)
+    backbone = inputs.load_backbone(cfg)
+    images = inputs.load_images(cfg)
     train_counts = images.counts()["train"]
     per_class = [train_counts[name] for name in images.label_names]
     sample = _sample(images, cfg)
@@ -156,7 +155,7 @@ def _probe_depths(
     result = extract_codes(
         images if whole else sample,
         model,
-        options=extract.extract_options(cfg),
+        options=inputs.extract_options(cfg),
         cache_dir=cfg.cache_dir,
     )
     depths = []
@@ -191,7 +190,7 @@ def _domain(cfg: Config, backbone: Any, sample: ImageSet) -> DomainStatistics:
     chosen = rng.choice(len(sample), size=count, replace=False)
     normalize = Normalize(backbone.preprocessing.mean, backbone.preprocessing.std)
     files = [sample.absolute(sample.records[i]) for i in sorted(chosen)]
-    pixels = torch.from_numpy(extract.load_pixels(cfg, files, backbone.preprocessing))
+    pixels = torch.from_numpy(inputs.load_pixels(cfg, files, backbone.preprocessing))
     batches = (normalize(pixels[i : i + 32]) for i in range(0, len(pixels), 32))
     return domain_statistics(backbone.model, batches)
 
@@ -261,7 +260,8 @@ def _write(cfg: Config, advice: Advice) -> None:
     data = asdict(advice)
     data["description"] = CASES[advice.case]
     data["reasons"] = advice.reasons()
-    atomic_write_text(cfg.run.out / "advice.json", json.dumps(data, indent=2) + "\n")
+    data["config"] = config_to_dict(cfg)
+    write_json(cfg.layout.advice, data)
 
 
 def summary_lines(advice: Advice) -> list[str]:

@@ -8,12 +8,12 @@ Everything in it is tensors, numbers, strings and containers, so it loads with
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from features.atomic import atomic_open
 from features.errors import CheckpointError
 
 FORMAT = "quadrant-finetune"
@@ -22,20 +22,10 @@ FORMAT_VERSION = 1
 
 def save(path: Path, state: dict[str, Any]) -> None:
     """Write `state` to `path` atomically (temporary file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
+    with atomic_open(path, "wb") as handle:
         torch.save(
             {"format": FORMAT, "format_version": FORMAT_VERSION, **state}, handle
         )
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load(path: Path) -> dict[str, Any]:

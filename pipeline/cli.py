@@ -3,22 +3,25 @@
 Exit status: 0 on success, 1 on an error quadrant raised on purpose (its
 message, no traceback), 130 when interrupted; any other exception keeps its
 traceback.
+
+NOTE: this module imports nothing heavy at the top: `quadrant --help` and
+`--version` must answer at once, so torch, scikit-learn and the stages are
+imported by the handler of the command that needs them.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from features.errors import ConfigError, PipelineError
-from pipeline import commands
-from pipeline.config import Config, load_config
-from pipeline.logs import setup_console
+from pipeline import __version__
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 DEFAULT_CONFIG = Path("conf.toml")
 
@@ -52,7 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Transfer learning on images: CNN codes + scikit-learn, or "
         "fine-tuning, chosen by the size and similarity of your data.",
     )
+    parser.add_argument(
+        "--version", action="version", version=f"quadrant {__version__}"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "init", help="write a starter conf.toml (every key, commented) into DIR"
+    )
+    p.add_argument("dir", nargs="?", type=Path, default=Path("."), help="default: .")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(handler=_init)
 
     p = sub.add_parser(
         "extract", parents=[common], help="cache CNN codes of the images"
@@ -183,12 +196,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `quadrant` command."""
     args = build_parser().parse_args(argv)
-    setup_console("debug" if args.verbose else "warning" if args.quiet else "info")
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
+        if args.command != "init":
+            _console(args)
         return handler(args)
     except PipelineError as err:
         print(f"quadrant {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        from features.atomic import output_error, writing_error
+
+        if not writing_error(err):
+            raise
+        # NOTE: a last net under the writers' own checks: a full disk or a
+        # read-only folder met by a library is still one clear message.
+        where = Path(err.filename or "the output folder")
+        print(
+            f"quadrant {args.command}: error: {output_error(where, err)}",
+            file=sys.stderr,
+        )
         return 1
     except BrokenPipeError:
         # The reader (e.g. `| head`) went away: not an error of ours.
@@ -203,16 +230,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _console(args: argparse.Namespace) -> None:
+    from pipeline.logs import setup_console
+
+    setup_console("debug" if args.verbose else "warning" if args.quiet else "info")
+
+
 def _config(args: argparse.Namespace, *, required: bool = True) -> Config:
     """The config from -c (or ./conf.toml) with --set overrides applied."""
+    from pipeline.config import load_config
+    from pipeline.logs import setup_console
+
     path = args.config
     if path is None:
         if DEFAULT_CONFIG.is_file():
             path = DEFAULT_CONFIG
         elif required:
             raise ConfigError(
-                f"no conf.toml in {Path.cwd()}; pass -c PATH, or start from the "
-                "conf.toml in the quadrant README"
+                f"no conf.toml in {Path.cwd()}; run `quadrant init` to write a "
+                "starter one here, or pass -c PATH"
             )
     cfg = load_config(path, args.overrides)
     if not (args.verbose or args.quiet):
@@ -220,19 +256,33 @@ def _config(args: argparse.Namespace, *, required: bool = True) -> Config:
     return cfg
 
 
+def _init(args: argparse.Namespace) -> int:
+    from pipeline import commands
+
+    return commands.init(args.dir, force=args.force)
+
+
 def _extract(args: argparse.Namespace) -> int:
+    from pipeline import commands
+
     return commands.extract(_config(args))
 
 
 def _finetune(args: argparse.Namespace) -> int:
+    from pipeline import commands
+
     return commands.finetune(_config(args), resume=args.resume, restart=args.restart)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pipeline import commands
+
     return commands.run(_config(args), predict_paths=args.predict)
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from pipeline import commands
+
     return commands.predict(
         args.model,
         args.paths,
@@ -244,11 +294,18 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _stage(name: str) -> Callable[[argparse.Namespace], int]:
-    command: Callable[[Config], int] = getattr(commands, name)
-    return lambda args: command(_config(args))
+    def handler(args: argparse.Namespace) -> int:
+        from pipeline import commands
+
+        command: Callable[[Config], int] = getattr(commands, name)
+        return command(_config(args))
+
+    return handler
 
 
 def _layers(args: argparse.Namespace) -> int:
+    from pipeline import commands
+
     if args.list:
         return commands.list_backbones()
     cfg = _config(args, required=False)
@@ -256,12 +313,16 @@ def _layers(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
+    from pipeline import commands
+
     if args.action == "info":
         return commands.cache_info(args.file)
     return commands.cache_verify(args.file)
 
 
 def _demo_data(args: argparse.Namespace) -> int:
+    from pipeline import commands
+
     return commands.demo_data(
         args.name,
         args.dir,
@@ -273,7 +334,8 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pipeline import demo
+    from pipeline import commands, demo
+    from pipeline.logs import setup_console
 
     cfg = demo.demo_config(args.overrides)
     if not (args.verbose or args.quiet):

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from features import datasets
+from features.atomic import write_text
 from features.backbones import available_backbones, build_backbone
 from features.cache import read_info, verify
-from features.errors import CacheCorruptError, StageInputError
+from features.errors import CacheCorruptError, OutputError
 from features.extractor import ExtractResult
-from features.layers import TOP, layer_names, layer_shapes, parse_pooling, resolve_top
+from features.layers import TOP, layer_names, layer_shapes, resolve_top
+from features.pooling import parse_pooling
 from pipeline import evaluate as evaluate_stage
 from pipeline import export as export_stage
 from pipeline import extract as extract_stage
@@ -64,9 +66,7 @@ def format_sweep(result: sweep_stage.SweepResult, cfg: Config) -> list[str]:
         lines.append(f"best: {result.best.name}, {100 * margin:+.1f} points over top")
     else:
         lines.append(f"best: {result.best.name}")
-    lines.append(
-        f"plot: {cfg.run.out / 'sweep.png'}  table: {cfg.run.out / 'sweep.csv'}"
-    )
+    lines.append(f"plot: {cfg.layout.sweep_plot}  table: {cfg.layout.sweep_csv}")
     return lines
 
 
@@ -87,7 +87,7 @@ def format_train(result: train_stage.TrainResult, cfg: Config) -> list[str]:
         f"  chosen: {params}; CV {cfg.train.scoring} {result.cv_score:.4f} ± "
         f"{result.cv_std:.4f}{val}",
         f"  model: {result.model_dir}",
-        f"  validation curve: {cfg.run.out / 'train_cv.png'}",
+        f"  validation curve: {cfg.layout.model('codes').train_plot}",
     ]
 
 
@@ -98,7 +98,7 @@ def finetune(cfg: Config, *, resume: bool, restart: bool) -> int:
         return 0
     with run_log(cfg, "finetune"):
         result = finetune_stage.run(cfg, resume=resume, restart=restart)
-    out = cfg.run.out
+    files = cfg.layout.model("finetune")
     stop = " (early stop)" if result.stopped_early else ""
     print(
         f"fine-tuned {cfg.backbone.name} ({cfg.finetune.init}) for "
@@ -107,8 +107,8 @@ def finetune(cfg: Config, *, resume: bool, restart: bool) -> int:
     )
     best = f"{result.best_value:.4f} at epoch {result.best_epoch}"
     print(f"  best val {result.monitor} {best}")
-    print(f"  model: {result.model_dir}  checkpoint: {out / 'finetune' / 'last.pt'}")
-    print(f"  curves: {out / 'training_curves.png'}  metrics: {out / 'finetune.csv'}")
+    print(f"  model: {result.model_dir}  checkpoint: {cfg.layout.checkpoint}")
+    print(f"  curves: {files.curves}  metrics: {files.history_csv}")
     return 0
 
 
@@ -161,7 +161,7 @@ def advise(cfg: Config) -> int:
     with run_log(cfg, "advise"):
         advice = advise_stage.run(cfg)
     print("\n".join(advise_stage.summary_lines(advice)))
-    print(f"advice: {cfg.run.out / 'advice.json'}")
+    print(f"advice: {cfg.layout.advice}")
     return 0
 
 
@@ -183,7 +183,8 @@ def _print_run(cfg: Config, result: Any) -> None:
     else:
         print(f"case {result.case} (run.strategy = {cfg.run.strategy!r})")
     print("\n".join(evaluate_stage.summary_lines(result.evaluation)))
-    print(f"model: {result.export.path}")
+    print(f"model: {result.model.folder}")
+    print(f"onnx: {result.export.path}")
     if result.predictions:
         print(f"predictions: {result.predictions}")
     if result.reused:
@@ -192,14 +193,11 @@ def _print_run(cfg: Config, result: Any) -> None:
 
 
 def report(cfg: Config) -> int:
-    """`quadrant report`: render report.html again from run.out."""
+    """`quadrant report`: render report.html about the selected model."""
     from pipeline import report as report_stage
 
-    summary = cfg.run.out / "run.json"
-    if not summary.is_file():
-        raise StageInputError(f"{summary} not found; run `quadrant run` first")
-    data = json.loads(summary.read_text())
-    path = report_stage.write(cfg, data["case"], data["timings"], data["reused"])
+    with run_log(cfg, "report"):
+        path = report_stage.write(cfg)
     print(f"report: {path}")
     return 0
 
@@ -314,6 +312,21 @@ def cache_verify(path: Path) -> int:
             + "\nDelete the file and run `quadrant extract` again to rebuild it."
         )
     print(f"{path}: OK (structure and checksums verified)")
+    return 0
+
+
+def init(folder: Path, *, force: bool) -> int:
+    """`quadrant init [DIR]`: write the commented starter conf.toml."""
+    from importlib.resources import files
+
+    target = folder / "conf.toml"
+    if target.exists() and not force:
+        raise OutputError(
+            f"{target} exists; pass --force to replace it, or choose another folder"
+        )
+    text = files("pipeline").joinpath("templates", "conf.toml").read_text("utf-8")
+    write_text(target, text)
+    print(f"wrote {target}: edit data.root, then run `quadrant run`")
     return 0
 
 

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from features.backbones import available_backbones
 from features.errors import ConfigError
 from features.images import DEFAULT_MAX_PIXELS
-from features.layers import parse_pooling
+from features.pooling import parse_pooling
+from pipeline.layout import MODEL_KINDS, RunLayout
 
 T = TypeVar("T")
 
@@ -56,6 +56,15 @@ def _check_choice(section: str, key: str, value: str, choices: Iterable[str]) ->
     if value not in choices:
         raise ConfigError(
             f"[{section}] {key} = {value!r} is not one of {list(choices)}"
+        )
+
+
+def _check_seed(section: str, key: str, value: int) -> None:
+    # NOTE: numpy's legacy generators (scikit-learn's random_state) take
+    # 0 <= seed < 2**32 and fail deep inside a fit otherwise.
+    if not 0 <= value < 2**32:
+        raise ConfigError(
+            f"[{section}] {key} must be an integer in 0..{2**32 - 1}, got {value}"
         )
 
 
@@ -98,6 +107,7 @@ class DataConfig:
                 f"colour), got {list(self.background)}"
             )
         _check_choice("data", "fingerprint", self.fingerprint, FINGERPRINTS)
+        _check_seed("data", "seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,8 @@ class BackboneConfig:
     interpolation: str | None = None
 
     def __post_init__(self) -> None:
+        from features.backbones import available_backbones
+
         names = available_backbones()
         if self.name not in names:
             raise ConfigError(
@@ -473,11 +485,16 @@ class AdviseConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Where a run writes, which case it runs and how it talks."""
+    """Where a run writes, which case it runs and how it talks.
+
+    `model` picks the trained model that evaluate, export and report work on:
+    "latest" (the one trained last), "codes" or "finetune".
+    """
 
     out: Path = Path("runs/demo")
     # `strategy = 2` and `strategy = "2"` mean the same; stored as the string.
     strategy: str | int = "auto"
+    model: str = "latest"
     seed: int = 0
     progress: bool = True
     log_level: str = "info"
@@ -488,6 +505,8 @@ class RunConfig:
             raise ConfigError(
                 f"[run] strategy = {self.strategy!r} is not one of {list(STRATEGIES)}"
             )
+        _check_choice("run", "model", self.model, ("latest", *MODEL_KINDS))
+        _check_seed("run", "seed", self.seed)
         _check_choice("run", "log_level", self.log_level, LOG_LEVELS)
 
     @property
@@ -516,6 +535,11 @@ class Config:
     def cache_dir(self) -> Path:
         """The folder of code caches (`extract.cache_dir`, else `<run.out>/cache`)."""
         return self.extract.cache_dir or self.run.out / "cache"
+
+    @property
+    def layout(self) -> RunLayout:
+        """Every path the run folder holds."""
+        return RunLayout(self.run.out, self.cache_dir)
 
 
 SECTIONS: dict[str, type] = {

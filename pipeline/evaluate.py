@@ -1,22 +1,19 @@
-"""The evaluate stage: score the trained model on the test split.
+"""The evaluate stage: score the selected trained model on the test split.
 
-Writes `metrics.json` (accuracy, balanced accuracy, macro-F1, per-class
-precision / recall / F1 / support, the confusion matrix), `confusion_matrix.png`
-and `misclassified.csv` (path, true, predicted, score) under run.out.
+Writes, into the model's own folder (`<run.out>/models/<kind>/`):
+`metrics.json` (accuracy, balanced accuracy, macro-F1, per-class precision /
+recall / F1 / support, the confusion matrix), `confusion_matrix.png` and
+`misclassified.csv` (path, true, predicted, score).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -25,13 +22,25 @@ from sklearn.metrics import (
     f1_score,
 )
 
-from features.cache import atomic_write_text, read_provenance
+from features.atomic import write_csv, write_json
 from features.codes import load_codes
-from features.errors import CacheMismatchError, DataError
-from features.heads import Head, load_head
-from features.transforms import Preprocessing, eval_transform
-from pipeline import extract, plots
-from pipeline.config import Config
+from features.data import ImageSet
+from features.devices import PRECISION_DTYPES, resolve_device, resolve_precision
+from features.errors import DataError
+from features.heads import Scores
+from features.transforms import eval_transform
+from pipeline import extract, finetune_data, plots
+from pipeline.config import Config, config_to_dict
+from pipeline.inputs import load_images
+from pipeline.layout import ModelFiles
+from pipeline.models import (
+    CodesModel,
+    FinetunedModel,
+    TrainedModel,
+    load_model,
+    predict_batches,
+    select_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +50,13 @@ class Predictions:
     """Test-split predictions of any model kind, ready to score."""
 
     y_true: npt.NDArray[np.int64]
-    y_pred: npt.NDArray[np.int64]
-    score: npt.NDArray[np.float64]  # the predicted class's probability or margin
+    scores: Scores
     paths: npt.NDArray[np.str_]
     label_names: tuple[str, ...]
-    score_kind: str  # "probability" or "decision"
+
+    @property
+    def y_pred(self) -> npt.NDArray[np.int64]:
+        return self.scores.labels
 
 
 @dataclass(frozen=True)
@@ -63,47 +74,46 @@ class EvalResult:
 
 
 def run(cfg: Config) -> EvalResult:
-    """Score `<run.out>/model` on the test split of the configured data.
+    """Score the selected model (`run.model`) on the test split of the data.
+
+    The model's own record says which backbone, layer and codes it needs, so
+    a model that `quadrant run` trained on its own layer set is evaluated on
+    those codes, whatever `[extract]` says now.
 
     Raises:
         StageInputError: no trained model under run.out.
-        CacheMismatchError: the model was trained on other codes or classes.
+        CacheMismatchError: the data's classes are not the model's, or its
+            files changed since they were written.
         DataError: the test split is empty.
     """
-    folder = cfg.run.out / "model"
-    if _kind(folder) == "finetune":
-        predictions, title = predict_finetuned(cfg, folder)
-        return score(cfg, predictions, title=title)
-    head = load_head(folder)
-    predictions = predict_codes(cfg, head)
-    return score(
-        cfg,
-        predictions,
-        title=f"{head.metadata['classifier']} on "
-        f"{head.metadata['layer']}/{head.metadata['pooling']}",
-    )
-
-
-def _kind(folder: Path) -> str | None:
-    meta = folder / "model.json"
-    return json.loads(meta.read_text()).get("kind") if meta.is_file() else None
-
-
-def predict_finetuned(cfg: Config, folder: Path) -> tuple[Predictions, str]:
-    """Predict the test split's images with the fine-tuned network."""
-    from features.extractor import resolve_device, resolve_precision
-    from pipeline import finetune, finetune_data
-    from pipeline.extract import load_images
-
-    device = resolve_device(cfg.finetune.device)
-    model, meta = finetune.load_model(folder, device)
+    model = load_model(select_model(cfg.layout, cfg.run.model))
     images = load_images(cfg)
-    if tuple(meta["label_names"]) != images.label_names:
-        raise CacheMismatchError(
-            f"the model was trained on classes {meta['label_names']}, the data has "
-            f"{list(images.label_names)}; run `quadrant finetune` again"
+    model.check_labels(images.label_names)
+    if not any(r.split == "test" for r in images.records):
+        raise DataError(
+            "the test split is empty; set data.test_fraction > 0 or add a test/ folder"
         )
-    prep = model_preprocessing(meta)
+    if isinstance(model, CodesModel):
+        predictions = _predict_codes(cfg, model, images)
+    else:
+        assert isinstance(model, FinetunedModel)
+        predictions = _predict_finetuned(cfg, model, images)
+    return score(cfg, model, predictions)
+
+
+def _predict_codes(cfg: Config, model: CodesModel, images: ImageSet) -> Predictions:
+    """The head's predictions on the test split's codes of the model's layer."""
+    cache = extract.codes_for_model(cfg, model, images)
+    test = load_codes(cache, model.layer, model.pooling, split="test")
+    return Predictions(test.y, model.scores(test.X), test.paths, test.label_names)
+
+
+def _predict_finetuned(
+    cfg: Config, model: FinetunedModel, images: ImageSet
+) -> Predictions:
+    """The network's predictions on the test split's images."""
+    device = resolve_device(cfg.finetune.device)
+    prep = model.preprocessing
     dataset = finetune_data.split_dataset(
         images,
         "test",
@@ -113,10 +123,6 @@ def predict_finetuned(cfg: Config, folder: Path) -> tuple[Predictions, str]:
         max_pixels=cfg.data.max_pixels,
         background=cfg.data.background,
     )
-    if len(dataset) == 0:
-        raise DataError(
-            "the test split is empty; set data.test_fraction > 0 or add a test/ folder"
-        )
     loader = finetune_data.loader(
         dataset,
         batch_size=cfg.finetune.batch_size,
@@ -125,58 +131,22 @@ def predict_finetuned(cfg: Config, folder: Path) -> tuple[Predictions, str]:
         pin_memory=False,
         seed=cfg.run.seed,
     )
-    amp = finetune.AMP[resolve_precision(cfg.finetune.precision, device)]
-    probs, labels, index = finetune.predict_loader(model, loader, device, amp)
-    predicted = probs.argmax(1)
+    amp = PRECISION_DTYPES[resolve_precision(cfg.finetune.precision, device)]
+    probs, labels, index = predict_batches(model.network(device), loader, device, amp)
+    values = probs.double().numpy()
     paths = np.array([r.path for r in images.records if r.split == "test"])
-    title = f"fine-tuned {meta['backbone']} ({meta['init']})"
-    chosen = probs[torch.arange(len(predicted)), predicted].numpy()
-    predictions = Predictions(
+    return Predictions(
         labels.numpy(),
-        predicted.numpy(),
-        chosen,
+        Scores(values, values.argmax(1), "probability"),
         paths[index.numpy()],
         images.label_names,
-        "probability",
     )
-    return predictions, title
 
 
-def model_preprocessing(meta: dict[str, Any]) -> Preprocessing:
-    """The preprocessing a fine-tuned model was trained with."""
-    return Preprocessing().updated(meta["identity"]["preprocessing"])
-
-
-def predict_codes(cfg: Config, head: Head) -> Predictions:
-    """Predict the test split's codes with a head trained on codes."""
-    cache = extract.locate_codes(cfg, cfg.train.codes)
-    meta = head.metadata
-    test = load_codes(cache, meta["layer"], meta["pooling"], split="test")
-    head.check_codes(read_provenance(cache), test.label_names)
-    if len(test) == 0:
-        raise DataError(
-            "the test split is empty; set data.test_fraction > 0 or add a test/ "
-            "folder, then run `quadrant extract`"
-        )
-    pipeline = head.pipeline
-    # NOTE: labels come from predict(): saturated probabilities can tie
-    # (SGD's sigmoids at 1.0), and argmax over ties picks the wrong class.
-    predicted = pipeline.predict(test.X)
-    column = np.searchsorted(pipeline.classes_, predicted)
-    if meta["classifier"] == "logistic":
-        scores, kind = pipeline.predict_proba(test.X), "probability"
-    else:
-        scores, kind = pipeline.decision_function(test.X), "decision"
-    if scores.ndim == 1:  # a binary decision function: the margin of class 1
-        scores = np.stack([-scores, scores], axis=1)
-    chosen = scores[np.arange(len(predicted)), column]
-    return Predictions(test.y, predicted, chosen, test.paths, test.label_names, kind)
-
-
-def score(cfg: Config, p: Predictions, *, title: str) -> EvalResult:
-    """Compute the metrics of predictions and write the files."""
-    out = cfg.run.out
-    _warn_unseen(cfg, p)
+def score(cfg: Config, model: TrainedModel, p: Predictions) -> EvalResult:
+    """Compute the metrics of predictions and write them into the model's folder."""
+    files = model.files
+    _warn_unseen(p)
     labels = np.arange(len(p.label_names))
     matrix = confusion_matrix(p.y_true, p.y_pred, labels=labels)
     report = classification_report(
@@ -188,6 +158,7 @@ def score(cfg: Config, p: Predictions, *, title: str) -> EvalResult:
         zero_division=0,
     )
     metrics = {
+        "model": {"kind": model.kind, "title": model.title, **_identity(model)},
         "accuracy": float(accuracy_score(p.y_true, p.y_pred)),
         "balanced_accuracy": float(balanced_accuracy_score(p.y_true, p.y_pred)),
         "f1_macro": float(
@@ -199,15 +170,16 @@ def score(cfg: Config, p: Predictions, *, title: str) -> EvalResult:
         "per_class": {name: report[name] for name in p.label_names},
         "confusion_matrix": matrix.tolist(),
         "labels": list(p.label_names),
-        "score_kind": p.score_kind,
+        "score_kind": p.scores.kind,
+        "config": config_to_dict(cfg),
     }
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    wrong = _write_misclassified(out / "misclassified.csv", p)
+    write_json(files.metrics, metrics)
+    wrong = _write_misclassified(files, p)
     plots.confusion_plot(
         matrix,
         p.label_names,
-        out / "confusion_matrix.png",
-        title=f"{title}: accuracy {metrics['accuracy']:.3f}",
+        files.confusion,
+        title=f"{model.title}: accuracy {metrics['accuracy']:.3f}",
     )
     return EvalResult(
         metrics["accuracy"],
@@ -215,13 +187,17 @@ def score(cfg: Config, p: Predictions, *, title: str) -> EvalResult:
         metrics["f1_macro"],
         len(p.y_true),
         wrong,
-        out / "metrics.json",
-        out / "confusion_matrix.png",
-        out / "misclassified.csv",
+        files.metrics,
+        files.confusion,
+        files.misclassified,
     )
 
 
-def _warn_unseen(cfg: Config, p: Predictions) -> None:
+def _identity(model: TrainedModel) -> dict[str, str]:
+    return {"created": str(model.record["created"]), "stamp": model.record["stamp"]}
+
+
+def _warn_unseen(p: Predictions) -> None:
     trained = set(np.unique(p.y_pred))
     for label in sorted(set(np.unique(p.y_true)) - trained):
         count = int((p.y_true == label).sum())
@@ -233,22 +209,24 @@ def _warn_unseen(cfg: Config, p: Predictions) -> None:
         )
 
 
-def _write_misclassified(path: Path, p: Predictions) -> int:
+def _write_misclassified(files: ModelFiles, p: Predictions) -> int:
     wrong = np.flatnonzero(p.y_true != p.y_pred)
+    chosen = p.scores.chosen()
     # Most confident mistakes first: those are the ones worth looking at.
-    wrong = wrong[np.argsort(-p.score[wrong], kind="stable")]
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "true", "predicted", p.score_kind])
-        for i in wrong:
-            writer.writerow(
-                [
-                    p.paths[i],
-                    p.label_names[p.y_true[i]],
-                    p.label_names[p.y_pred[i]],
-                    f"{p.score[i]:.6f}",
-                ]
-            )
+    wrong = wrong[np.argsort(-chosen[wrong], kind="stable")]
+    write_csv(
+        files.misclassified,
+        ["path", "true", "predicted", "score"],
+        (
+            [
+                p.paths[i],
+                p.label_names[p.y_true[i]],
+                p.label_names[p.y_pred[i]],
+                f"{chosen[i]:.6f}",
+            ]
+            for i in wrong
+        ),
+    )
     return len(wrong)
 
 

@@ -8,45 +8,40 @@
 The graph takes `images`, a batch (N, 3, S, S) of uint8 (or float 0..255)
 pixels already resized and centre-cropped as the model's metadata says, and
 returns `scores` (N, K) (probabilities where the model has them, else
-decision values) and `label` (N,) int64, an index into the label names.
+margins) and `label` (N,) int64, an index into the label names.
 
 Following timm's exporter, every export is checked before it is reported
 done: onnx.checker, then onnxruntime against the PyTorch / scikit-learn model
 on held-out images. A model that fails is kept only as `model.failed.onnx`.
+Every file lands in the model's own folder, written atomically.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-from dataclasses import dataclass, field
-from importlib.metadata import version
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from sklearn.pipeline import Pipeline
-from torch import nn
 
-from features.cache import atomic_write_text, read_provenance
+from features.atomic import atomic_path, write_json
 from features.data import ImageSet
-from features.errors import DataError, ExportParityError, StageInputError
-from features.extractor import CodeModel
-from features.heads import load_head
-from features.onnx_engine import check_parity, export_module, session
-from features.transforms import Preprocessing
-from pipeline import extract, finetune
-from pipeline.config import Config
-from pipeline.evaluate import model_preprocessing
+from features.errors import DataError, ExportParityError
+from features.onnx_engine import check_parity, session
+from pipeline import __version__
+from pipeline.config import Config, config_to_dict
+from pipeline.inputs import decode_pixels, load_images, load_pixels
+from pipeline.layout import ModelFiles
+from pipeline.models import TrainedModel, load_model, select_model
+from pipeline.stamps import stamp
 
 log = logging.getLogger(__name__)
 
-# NOTE: SGD's one-vs-rest probabilities saturate (ties at 1.0 pick labels
-# arbitrarily), so its scores are the decision values, like the SVMs'.
-PROBABILITY_HEADS = ("logistic", "finetune")
+VARIANTS = ("fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -73,262 +68,54 @@ class ExportResult:
 
 
 def run(cfg: Config) -> ExportResult:
-    """Export `<run.out>/model` to `<run.out>/model.onnx` and check it.
+    """Export the selected model to `model.onnx` in its folder and check it.
 
     Raises:
         StageInputError: no trained model.
+        CacheMismatchError: the data's classes are not the model's, or its
+            files changed since they were written (before any compute).
         ExportParityError: onnxruntime disagrees with the source model; the
             file is renamed `model.failed.onnx`.
     """
-    folder = cfg.run.out / "model"
-    meta = _model_meta(folder)
-    images = extract.load_images(cfg)
-    if meta.get("kind") == "finetune":
-        onnx_model, reference, prep = _finetuned(cfg, folder)
-    else:
-        onnx_model, reference, prep = _codes(cfg, folder)
-    _describe(onnx_model, cfg, meta, prep, images)
-    out = cfg.run.out / "model.onnx"
-    pixels = extract.load_pixels(
-        cfg, _parity_records(images, cfg.export.parity_images), prep
-    )
-    worst = _save_checked(onnx_model, out, pixels, reference, cfg)
+    model = load_model(select_model(cfg.layout, cfg.run.model))
+    images = load_images(cfg)
+    model.check_labels(images.label_names)
+    files = model.files
+    prep = model.preprocessing
+    pixels = load_pixels(cfg, _parity_records(images, cfg.export.parity_images), prep)
+    graph = model.onnx_graph(opset=cfg.export.opset, input_dtype=_input_dtype(cfg))
+    _describe(graph, cfg, model)
+    worst = _save_checked(graph, files, pixels, model, cfg)
     result = ExportResult(
-        out,
-        str(meta.get("kind", "codes")),
+        files.onnx,
+        model.kind,
         len(pixels),
         worst,
         True,
-        out.stat().st_size,
-        _variants(cfg, out, images, prep),
+        files.onnx.stat().st_size,
+        _variants(cfg, files, images, model),
     )
-    _write_summary(cfg, result)
+    _write_summary(cfg, model, result)
     return result
 
 
-def _model_meta(folder: Path) -> dict[str, Any]:
-    file = folder / "model.json"
-    if not file.is_file():
-        raise StageInputError(
-            f"no trained model in {folder}; run `quadrant train` or `quadrant "
-            "finetune` first"
-        )
-    return dict(json.loads(file.read_text()))
-
-
-# ---------------------------------------------------------------------------
-# Building the graph
-
-
-Reference = Any  # callable: uint8 pixels (N, 3, S, S) -> (scores, labels)
-
-
-class _Scored(nn.Module):
-    """Logits to (softmax scores, argmax label) for the fine-tuned network."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = torch.softmax(self.model(images).float(), dim=1)
-        return probs, probs.argmax(dim=1)
+def export_stamp(cfg: Config, model: TrainedModel) -> str:
+    """The stamp of an export: the export settings and the model it came from."""
+    return stamp(asdict(cfg.export), model.record["stamp"], model.record["created"])
 
 
 def _input_dtype(cfg: Config) -> torch.dtype:
     return torch.uint8 if cfg.export.input_dtype == "uint8" else torch.float32
 
 
-def _finetuned(cfg: Config, folder: Path) -> tuple[Any, Reference, Preprocessing]:
-    model, meta = finetune.load_model(folder, torch.device("cpu"))
-    prep = model_preprocessing(meta)
-    scored = _Scored(model).eval()
-    onnx_model = export_module(
-        scored,
-        prep.input_size,
-        ["scores", "label"],
-        opset=cfg.export.opset,
-        input_dtype=_input_dtype(cfg),
-    )
-
-    @torch.inference_mode()
-    def reference(
-        pixels: npt.NDArray[np.uint8],
-    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-        probs, label = scored(torch.from_numpy(pixels))
-        return probs.numpy(), label.numpy()
-
-    return onnx_model, reference, prep
-
-
-def _codes(cfg: Config, folder: Path) -> tuple[Any, Reference, Preprocessing]:
-    head = load_head(folder)
-    meta = head.metadata
-    cache = extract.locate_codes(cfg, cfg.train.codes)
-    head.check_codes(read_provenance(cache), head.label_names)
-    backbone = extract.load_backbone(cfg)
-    code_model = CodeModel(backbone, [meta["layer"]], [_pooling_spec(meta["pooling"])])
-    spec = code_model.specs[0]
-    body = export_module(
-        _SingleCode(code_model, spec.name),
-        backbone.preprocessing.input_size,
-        ["codes"],
-        opset=cfg.export.opset,
-        input_dtype=_input_dtype(cfg),
-    )
-    binary_svm = meta["classifier"] == "svm" and len(head.pipeline.classes_) == 2
-    onnx_model = _join(
-        body,
-        _sklearn_graph(head.pipeline, spec.dims, cfg.export.opset),
-        swap_columns=binary_svm,
-    )
-
-    @torch.inference_mode()
-    def reference(
-        pixels: npt.NDArray[np.uint8],
-    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-        codes = code_model.eval()(torch.from_numpy(pixels))[spec.name].numpy()
-        return _head_scores(head.pipeline, meta["classifier"], codes)
-
-    return onnx_model, reference, backbone.preprocessing
-
-
-def _pooling_spec(pooling: str) -> str:
-    # Flat layers are cached under "none"; any pooling leaves them unchanged.
-    return "avg" if pooling == "none" else pooling
-
-
-class _SingleCode(nn.Module):
-    def __init__(self, model: CodeModel, name: str) -> None:
-        super().__init__()
-        self.model = model
-        self.name = name
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)[self.name]
-
-
-def _head_scores(
-    pipeline: Any, classifier: str, codes: npt.NDArray[Any]
-) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-    """The head's scores as the exported graph reports them, and its labels."""
-    if classifier in PROBABILITY_HEADS:
-        scores = pipeline.predict_proba(codes)
-    else:
-        scores = pipeline.decision_function(codes)
-        if scores.ndim == 1:  # binary: skl2onnx reports (-margin, margin)
-            scores = np.stack([-scores, scores], axis=1)
-    return scores, pipeline.predict(codes)
-
-
-def _sklearn_graph(pipeline: Any, dims: int, opset: int) -> Any:
-    """The scikit-learn head as an ONNX graph from codes (N, dims) to label, scores."""
-    from skl2onnx import to_onnx
-    from skl2onnx.common.data_types import FloatTensorType
-    from sklearn.svm import LinearSVC
-
-    clf = pipeline.steps[-1][1]
-    if isinstance(clf, LinearSVC):
-        pipeline = Pipeline([*pipeline.steps[:-1], ("clf", _as_hinge_sgd(clf))])
-        clf = pipeline.steps[-1][1]
-    # Scores as a plain (N, K) tensor rather than a list of dicts.
-    chosen: dict[str, Any] = {"zipmap": False}
-    if type(clf).__name__ == "SGDClassifier" and getattr(clf, "loss", "") == "log_loss":
-        chosen["raw_scores"] = True
-    options = {id(clf): chosen}
-    return to_onnx(
-        pipeline,
-        initial_types=[("codes", FloatTensorType([None, dims]))],
-        target_opset={"": opset, "ai.onnx.ml": 3},
-        options=options,
-    )
-
-
-def _as_hinge_sgd(svc: Any) -> Any:
-    """The same linear decision function as an SGDClassifier(loss="hinge").
-
-    NOTE: skl2onnx 1.20's LinearSVC converter asks for a `zipmap` option that
-    LinearSVC does not accept (a NameError); its SGD converter computes the
-    identical coef . x + intercept.
-    """
-    from sklearn.linear_model import SGDClassifier
-
-    surrogate = SGDClassifier(loss="hinge")
-    surrogate.coef_, surrogate.intercept_ = svc.coef_, svc.intercept_
-    surrogate.classes_, surrogate.n_features_in_ = svc.classes_, svc.n_features_in_
-    return surrogate
-
-
-def _join(body: Any, head: Any, *, swap_columns: bool = False) -> Any:
-    """One graph: images -> body -> codes -> head -> (scores, label).
-
-    `swap_columns`: skl2onnx reports a binary SVC's scores as (margin,
-    -margin); swapping gives (-margin, margin), so that column k is always
-    the evidence for class k, as for every other head.
-    """
-    import onnx
-    from onnx import compose, helper
-
-    head = compose.add_prefix(head, "head/")
-    outputs = {o.name for o in head.graph.output}
-    label = next(n for n in outputs if n.endswith("label"))
-    scores = next(n for n in outputs if n.endswith("probabilities"))
-    head.ir_version = body.ir_version = min(body.ir_version, head.ir_version)
-    merged = compose.merge_models(
-        body, head, io_map=[("codes", "head/codes")], outputs=[scores, label]
-    )
-    # Stable public names for the two outputs.
-    merged.graph.node.extend(
-        [
-            *_scores_nodes(scores, swap_columns),
-            helper.make_node("Identity", [label], ["label"], name="head/label"),
-        ]
-    )
-    for out in list(merged.graph.output):
-        merged.graph.output.remove(out)
-    merged.graph.output.extend(
-        [
-            helper.make_tensor_value_info(
-                "scores", onnx.TensorProto.FLOAT, ["batch", None]
-            ),
-            helper.make_tensor_value_info("label", onnx.TensorProto.INT64, ["batch"]),
-        ]
-    )
-    # merge_models repeats the default domain once per input model.
-    versions: dict[str, int] = {}
-    for entry in merged.opset_import:
-        versions[entry.domain] = max(versions.get(entry.domain, 0), entry.version)
-    del merged.opset_import[:]
-    merged.opset_import.extend(helper.make_opsetid(d, v) for d, v in versions.items())
-    onnx.checker.check_model(merged)
-    return merged
-
-
-def _scores_nodes(scores: str, swap: bool) -> list[Any]:
-    from onnx import helper, numpy_helper
-
-    if not swap:
-        return [helper.make_node("Identity", [scores], ["scores"], name="head/scores")]
-    order = numpy_helper.from_array(np.array([1, 0], dtype=np.int64))
-    indices = helper.make_node(
-        "Constant", [], ["head/swap"], value=order, name="head/swap_indices"
-    )
-    return [
-        indices,
-        helper.make_node(
-            "Gather", [scores, "head/swap"], ["scores"], axis=1, name="head/scores"
-        ),
-    ]
-
-
-def _describe(
-    model: Any, cfg: Config, meta: dict[str, Any], prep: Preprocessing, images: ImageSet
-) -> None:
+def _describe(graph: Any, cfg: Config, model: TrainedModel) -> None:
     """Metadata a deployment needs: labels, input, preprocessing, provenance."""
     from onnx import helper
 
+    prep = model.preprocessing
+    record = model.record
     props = {
-        "label_names": json.dumps(list(images.label_names)),
+        "label_names": json.dumps(list(model.label_names)),
         "input": json.dumps(
             {
                 "name": "images",
@@ -338,21 +125,20 @@ def _describe(
             }
         ),
         "preprocessing": json.dumps(prep.as_dict()),
-        "score_kind": "probability"
-        if meta.get("classifier") in PROBABILITY_HEADS
-        else "decision",
-        "model_kind": str(meta.get("kind", "codes")),
-        "classifier": str(meta.get("classifier")),
-        "layer": str(meta.get("layer", "")),
-        "cache_key": str(meta.get("cache_key", "")),
-        "training": json.dumps(
-            meta.get("identity", meta.get("params", {})), default=str
+        "score_kind": model.score_kind,
+        "model_kind": model.kind,
+        "model_title": model.title,
+        "backbone": json.dumps(record["backbone"], default=str),
+        "codes": json.dumps(
+            {k: v for k, v in record.get("codes", {}).items() if k != "provenance"},
+            default=str,
         ),
-        "quadrant_version": version("quadrant"),
+        "model_stamp": str(record["stamp"]),
+        "quadrant_version": __version__,
     }
-    helper.set_model_props(model, props)
-    model.producer_name = "quadrant"
-    model.doc_string = "images (uint8 N x 3 x S x S) -> scores (N x K), label (N)"
+    helper.set_model_props(graph, props)
+    graph.producer_name = "quadrant"
+    graph.doc_string = "images (uint8 N x 3 x S x S) -> scores (N x K), label (N)"
 
 
 # ---------------------------------------------------------------------------
@@ -367,24 +153,28 @@ def _parity_records(images: ImageSet, count: int) -> list[Path]:
 
 
 def _save_checked(
-    model: Any,
-    out: Path,
+    graph: Any,
+    files: ModelFiles,
     pixels: npt.NDArray[np.uint8],
-    reference: Reference,
+    model: TrainedModel,
     cfg: Config,
 ) -> float:
+    """Write model.onnx only once onnx.checker and the parity check pass."""
     import onnx
 
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    onnx.save(model, tmp)
-    onnx.checker.check_model(str(tmp), full_check=True)
     try:
-        worst = _compare(tmp, pixels, reference, cfg)
+        with atomic_path(files.onnx) as tmp:
+            onnx.save(graph, tmp)
+            onnx.checker.check_model(str(tmp), full_check=True)
+            worst = _compare(tmp, pixels, model, cfg)
     except ExportParityError:
-        os.replace(tmp, out.with_name("model.failed.onnx"))
-        out.unlink(missing_ok=True)  # never leave an older file looking current
+        with atomic_path(files.onnx_failed) as tmp:
+            onnx.save(graph, tmp)
+        # Never leave an older export looking current beside a failed one.
+        for stale in (files.onnx, files.export_summary, *map(files.variant, VARIANTS)):
+            stale.unlink(missing_ok=True)
         raise
-    os.replace(tmp, out)
+    files.onnx_failed.unlink(missing_ok=True)
     return worst
 
 
@@ -394,44 +184,53 @@ def _feed(pixels: npt.NDArray[np.uint8], cfg: Config) -> npt.NDArray[Any]:
 
 
 def _compare(
-    path: Path, pixels: npt.NDArray[np.uint8], reference: Reference, cfg: Config
+    path: Path, pixels: npt.NDArray[np.uint8], model: TrainedModel, cfg: Config
 ) -> float:
-    feed = _feed(pixels, cfg)
-    scores, labels = session(path).run(["scores", "label"], {"images": feed})
-    expected_scores, expected_labels = reference(pixels)
+    scores, labels = session(path).run(
+        ["scores", "label"], {"images": _feed(pixels, cfg)}
+    )
+    expected = model.image_scores(pixels)
     worst = check_parity(
-        expected_scores,
+        expected.values,
         scores,
         what="scores",
         atol=cfg.export.atol,
         rtol=cfg.export.rtol,
     )
-    if not np.array_equal(np.asarray(expected_labels), labels):
+    if not np.array_equal(expected.labels, labels):
         raise ExportParityError(
-            f"predicted labels differ on {int((expected_labels != labels).sum())} of "
+            f"predicted labels differ on {int((expected.labels != labels).sum())} of "
             f"{len(labels)} images (largest score difference {worst:.3g})"
         )
     return worst
 
 
 def _variants(
-    cfg: Config, fp32: Path, images: ImageSet, prep: Preprocessing
+    cfg: Config, files: ModelFiles, images: ImageSet, model: TrainedModel
 ) -> dict[str, Variant]:
-    if not cfg.export.fp16 and cfg.export.int8 == "none":
+    """fp16 / int8 copies as configured, each with its test accuracy."""
+    wanted = {"fp16": cfg.export.fp16, "int8": cfg.export.int8 != "none"}
+    for name, on in wanted.items():
+        if not on:
+            files.variant(name).unlink(missing_ok=True)  # no stale copy stays
+    if not any(wanted.values()):
         return {}
-    test = [images.absolute(r) for r in images.records if r.split == "test"]
+    test = [r for r in images.records if r.split == "test"]
     if not test:
         raise DataError("fp16/int8 accuracy needs a test split; set data.test_fraction")
-    pixels = extract.load_pixels(cfg, test, prep)
-    labels = np.array([r.label for r in images.records if r.split == "test"])
-    base = _accuracy(fp32, pixels, labels, cfg)
+    pixels, kept = decode_pixels(
+        cfg, [images.absolute(r) for r in test], model.preprocessing
+    )
+    labels = np.array([test[i].label for i in kept])
+    base = _accuracy(files.onnx, pixels, labels, cfg)
     made: dict[str, Path] = {}
     if cfg.export.fp16:
-        made["fp16"] = _to_fp16(fp32)
+        made["fp16"] = _to_fp16(files.onnx, files.variant("fp16"))
     if cfg.export.int8 == "dynamic":
-        made["int8"] = _to_int8_dynamic(fp32)
+        made["int8"] = _to_int8_dynamic(files.onnx, files.variant("int8"))
     elif cfg.export.int8 == "static":
-        made["int8"] = _to_int8_static(fp32, _calibration(images, prep, cfg))
+        calibration = _calibration(images, model, cfg)
+        made["int8"] = _to_int8_static(files.onnx, files.variant("int8"), calibration)
     out = {}
     for name, path in made.items():
         accuracy = _accuracy(path, pixels, labels, cfg)
@@ -441,14 +240,15 @@ def _variants(
 
 
 def _calibration(
-    images: ImageSet, prep: Preprocessing, cfg: Config
+    images: ImageSet, model: TrainedModel, cfg: Config
 ) -> npt.NDArray[np.uint8]:
     """A seeded sample of training images for int8 activation ranges."""
     train = [r for r in images.records if r.split == "train"]
     rng = np.random.default_rng(cfg.run.seed)
     count = min(cfg.export.calibration_images, len(train))
     chosen = sorted(rng.choice(len(train), size=count, replace=False))
-    return extract.load_pixels(cfg, [images.absolute(train[i]) for i in chosen], prep)
+    files = [images.absolute(train[i]) for i in chosen]
+    return load_pixels(cfg, files, model.preprocessing)
 
 
 def _accuracy(
@@ -462,10 +262,10 @@ def _accuracy(
             for i in range(0, len(feed), 64)
         ]
     )
-    return float((predicted == labels[: len(predicted)]).mean())
+    return float((predicted == labels).mean())
 
 
-def _to_fp16(path: Path) -> Path:
+def _to_fp16(path: Path, out: Path) -> Path:
     """Weights and activations in float16, inputs and outputs unchanged."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -476,8 +276,8 @@ def _to_fp16(path: Path) -> Path:
     head = [n.name for n in model.graph.node if n.name.startswith("head/")]
     model = convert_float_to_float16(model, keep_io_types=True, node_block_list=head)
     _drop_repeated_casts(model.graph)
-    out = path.with_name("model.fp16.onnx")
-    onnx.save(model, out)
+    with atomic_path(out) as tmp:
+        onnx.save(model, tmp)
     return out
 
 
@@ -516,22 +316,22 @@ def _head_nodes(path: Path) -> list[str]:
 _QUANT_OPTIONS = {"DefaultTensorType": 1}  # onnx.TensorProto.FLOAT
 
 
-def _to_int8_dynamic(path: Path) -> Path:
+def _to_int8_dynamic(path: Path, out: Path) -> Path:
     """Dynamic int8 quantisation of the weights (onnxruntime.quantization)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    out = path.with_name("model.int8.onnx")
-    quantize_dynamic(
-        path,
-        out,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=_head_nodes(path),
-        extra_options=_QUANT_OPTIONS,
-    )
+    with atomic_path(out) as tmp:
+        quantize_dynamic(
+            path,
+            tmp,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=_head_nodes(path),
+            extra_options=_QUANT_OPTIONS,
+        )
     return out
 
 
-def _to_int8_static(path: Path, calibration: npt.NDArray[np.uint8]) -> Path:
+def _to_int8_static(path: Path, out: Path, calibration: npt.NDArray[np.uint8]) -> Path:
     """Static int8 (QDQ, per-channel weights) calibrated on training images.
 
     The scikit-learn head stays float: its operators have no int8 kernels.
@@ -555,18 +355,18 @@ def _to_int8_static(path: Path, calibration: npt.NDArray[np.uint8]) -> Path:
         def get_next(self) -> dict[str, Any] | None:
             return next(self.batches, None)
 
-    out = path.with_name("model.int8.onnx")
-    quantize_static(
-        path,
-        out,
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        activation_type=QuantType.QUInt8,
-        nodes_to_exclude=_head_nodes(path),
-        extra_options=_QUANT_OPTIONS,
-    )
+    with atomic_path(out) as tmp:
+        quantize_static(
+            path,
+            tmp,
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8,
+            nodes_to_exclude=_head_nodes(path),
+            extra_options=_QUANT_OPTIONS,
+        )
     return out
 
 
@@ -589,10 +389,11 @@ def load_result(summary: Path) -> ExportResult:
     )
 
 
-def _write_summary(cfg: Config, result: ExportResult) -> None:
+def _write_summary(cfg: Config, model: TrainedModel, result: ExportResult) -> None:
     summary = {
         "model": str(result.path),
         "kind": result.kind,
+        "title": model.title,
         "size_bytes": result.size_bytes,
         "parity": {
             "images": result.parity_images,
@@ -610,5 +411,7 @@ def _write_summary(cfg: Config, result: ExportResult) -> None:
             }
             for k, v in result.variants.items()
         },
+        "stamp": export_stamp(cfg, model),
+        "config": config_to_dict(cfg),
     }
-    atomic_write_text(cfg.run.out / "export.json", json.dumps(summary, indent=2) + "\n")
+    write_json(model.files.export_summary, summary)

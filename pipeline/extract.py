@@ -2,34 +2,29 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import numpy.typing as npt
-
-from features.backbones import Backbone, build_backbone
+from features.atomic import write_json
 from features.cache import (
-    atomic_write_text,
     diff_provenance,
     find_compatible,
     read_provenance,
     same_codes,
 )
-from features.data import ImageSet, discover
-from features.errors import CacheMismatchError, DataError, ImageDecodeError
+from features.data import ImageSet
+from features.errors import CacheMismatchError
 from features.extractor import (
     CodeModel,
-    ExtractOptions,
     ExtractResult,
     extract_codes,
+    image_identity,
     plan_codes,
 )
-from features.images import decode_image
-from features.transforms import Preprocessing, eval_transform
-from pipeline.config import Config
+from pipeline.config import Config, config_to_dict
+from pipeline.inputs import extract_options, load_backbone, load_images
+from pipeline.models import CodesModel
 
 log = logging.getLogger(__name__)
 
@@ -105,76 +100,6 @@ def locate_codes(cfg: Config, explicit: Path | None = None) -> Path:
     return _extract(cfg, model, images).path
 
 
-def load_backbone(cfg: Config) -> Backbone:
-    """The configured backbone with its preprocessing overrides applied."""
-    b = cfg.backbone
-    return build_backbone(
-        b.name, b.weights, seed=cfg.run.seed, preprocessing=b.preprocessing()
-    )
-
-
-def load_images(cfg: Config) -> ImageSet:
-    """List, probe and split the configured images."""
-    d = cfg.data
-    return discover(
-        d.root,
-        val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction,
-        seed=d.seed,
-        max_pixels=d.max_pixels,
-        fingerprint=d.fingerprint,
-    )
-
-
-def load_pixels(
-    cfg: Config, files: Sequence[Path], prep: Preprocessing
-) -> npt.NDArray[np.uint8]:
-    """The readable `files` decoded and resized as `prep` says: (N, 3, S, S) uint8.
-
-    Unreadable files are left out: extraction reports them (file and reason).
-
-    Raises:
-        DataError: not one of `files` is readable.
-    """
-    transform = eval_transform(prep)
-    batch = []
-    for file in files:
-        try:
-            image = decode_image(
-                file, max_pixels=cfg.data.max_pixels, background=cfg.data.background
-            )
-        except ImageDecodeError:
-            continue
-        batch.append(transform(image).numpy())
-    if not batch:
-        raise DataError(
-            f"none of the {len(files)} images could be read; `quadrant extract` "
-            "lists each unreadable file and why"
-        )
-    return np.stack(batch)
-
-
-def extract_options(cfg: Config) -> ExtractOptions:
-    """The `[extract]` table plus the decoding and seed settings it depends on."""
-    e = cfg.extract
-    return ExtractOptions(
-        batch_size=e.batch_size,
-        device=e.device,
-        precision=e.precision,
-        channels_last=e.channels_last,
-        num_workers=e.num_workers,
-        dtype=e.dtype,
-        compression=e.compression,
-        views=e.views,
-        shard_size=e.shard_size,
-        seed=cfg.run.seed,
-        background=cfg.data.background,
-        max_pixels=cfg.data.max_pixels,
-        progress=cfg.run.progress,
-        engine=e.engine,
-    )
-
-
 def _write_summary(cfg: Config, images: ImageSet, result: ExtractResult) -> None:
     summary = {
         "cache": str(result.path),
@@ -196,6 +121,40 @@ def _write_summary(cfg: Config, images: ImageSet, result: ExtractResult) -> None
         "images_per_second": round(result.images_per_second, 2),
         "skipped": [{"path": p, "reason": r} for p, r in result.skipped],
     }
-    atomic_write_text(
-        cfg.run.out / "extract.json", json.dumps(summary, indent=2) + "\n"
+    write_json(cfg.layout.extract_summary, {**summary, "config": config_to_dict(cfg)})
+
+
+def codes_for_model(cfg: Config, model: CodesModel, images: ImageSet) -> Path:
+    """A code cache holding `model`'s layer for `images`, found from its record.
+
+    The cache the model was trained on when the images are still those it
+    was made from; else the same codes found in the cache folder; else a new
+    extraction of the model's layer with the model's own backbone and
+    preprocessing, whatever `[backbone]` and `[extract]` say now.
+
+    Raises:
+        CacheMismatchError: the backbone's weights changed since training
+            (found before any image is read).
+    """
+    recorded = Path(model.record["codes"]["cache"])
+    if recorded.is_file() and read_provenance(recorded)["images"] == image_identity(
+        images
+    ):
+        return recorded
+    code_model = model.code_model()
+    trained = model.record["codes"]["provenance"]
+    options = replace(extract_options(cfg), views=1, dtype=trained["dtype"])
+    plan = plan_codes(images, code_model, options, cfg.cache_dir)
+    if plan.path.exists():
+        return plan.path
+    compatible = find_compatible(cfg.cache_dir, plan.provenance)
+    if compatible is not None:
+        return compatible
+    log.info(
+        "the images changed since the model was trained: extracting its layer %s/%s",
+        model.layer,
+        model.pooling,
     )
+    return extract_codes(
+        images, code_model, options=options, cache_dir=cfg.cache_dir
+    ).path

@@ -6,21 +6,24 @@ Split the way torchvision's reference script is: `build_model`,
 runs under `torchrun --nproc-per-node N` with DistributedDataParallel; only
 rank 0 writes files.
 
-Outputs under run.out: `model/model.pt` (best weights) and `model/model.json`,
-`finetune/last.pt` (the full training state, every epoch, atomically),
-`finetune.csv` / `finetune.json` (metrics per epoch), `training_curves.png`.
+While training, the work folder `<run.out>/finetune/` holds `last.pt` (the
+full training state, every epoch, for --resume), `best.pt` (the best weights
+so far) and the metrics per epoch (`finetune.json`, `finetune.csv`,
+`training_curves.png`, to watch a long run). When training ends, the model
+is published as one folder, `<run.out>/models/finetune/`: the record
+(`model.json`), the best weights (`model.pt`) and the metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,44 +33,31 @@ from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from features.backbones import build_backbone
+from features.atomic import atomic_open, staged_folder, write_json, write_text
+from features.backbones import build_backbone, sha256_of
 from features.backbones.registry import head_name
-from features.cache import atomic_write_text
 from features.data import ImageSet
-from features.errors import CheckpointError, DataError, TrainingError
-from features.extractor import (
+from features.devices import (
     PRECISION_DTYPES,
     default_workers,
-    progress_bar,
     resolve_device,
     resolve_precision,
 )
+from features.errors import CheckpointError, DataError, TrainingError
 from features.layers import layer_names
-from features.transforms import Normalize, Preprocessing, eval_transform
+from features.progress import progress_bar
+from features.transforms import Preprocessing, eval_transform
 from pipeline import checkpoint, finetune_data, plots
 from pipeline.config import Config, FinetuneConfig
-from pipeline.extract import load_images
+from pipeline.inputs import load_images
+from pipeline.layout import ModelFiles
+from pipeline.models import ImageClassifier, new_record, predict_batches
+from pipeline.stamps import stamp
 
 log = logging.getLogger(__name__)
 
 AMP = PRECISION_DTYPES
 OPTIMIZERS: dict[str, Any] = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-
-
-class ImageClassifier(nn.Module):
-    """uint8 images (N, 3, H, W) in, class logits out: normalisation inside.
-
-    The same module is trained, evaluated and exported to ONNX, so deployment
-    feeds it raw pixels.
-    """
-
-    def __init__(self, net: nn.Module, prep: Preprocessing) -> None:
-        super().__init__()
-        self.normalize = Normalize(prep.mean, prep.std)
-        self.net = net
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(images))
 
 
 @dataclass(frozen=True)
@@ -112,7 +102,7 @@ class FinetuneResult:
 
 
 def run(cfg: Config, *, resume: bool = False, restart: bool = False) -> FinetuneResult:
-    """Fine-tune the configured backbone on the training split.
+    """Fine-tune the configured backbone on the training split; publish the model.
 
     Args:
         cfg: the configuration.
@@ -121,42 +111,58 @@ def run(cfg: Config, *, resume: bool = False, restart: bool = False) -> Finetune
         restart: discard an existing checkpoint and start over.
 
     Raises:
-        DataError: too few training images for a batch, a class without
-            validation images.
+        DataError: fewer than two training images per process, a class
+            without validation images.
         CheckpointError: a checkpoint exists and neither resume nor restart
             was asked for, or the checkpoint belongs to another setup.
         TrainingError: out of GPU memory (the last checkpoint is kept).
     """
     start = time.perf_counter()
-    ft = cfg.finetune
     world = _init_distributed()
-    device = _device(ft, world)
+    device = _device(cfg.finetune, world)
     images = load_images(cfg)
-    _check_data(images, ft, world)
+    settings = model_stamp(cfg, images)
+    cfg = _fitting_batch(cfg, images, world)
     model, prep, identity = build_model(cfg, len(images.label_names), device)
     state = _Training.create(cfg, model, device, images, prep, world)
-    state.restore(_checkpoint_path(cfg), identity, resume=resume, restart=restart)
+    state.restore(cfg.layout.checkpoint, identity, resume=resume, restart=restart)
+    if world.main:
+        write_json(cfg.layout.finetune_stamp, {"stamp": settings})
     try:
         stopped = state.fit(identity)
     except torch.cuda.OutOfMemoryError as err:
         raise TrainingError(
-            f"out of GPU memory at finetune.batch_size = {ft.batch_size}: lower it, "
-            "and raise finetune.accumulate to keep the effective batch; the last "
-            f"checkpoint ({_checkpoint_path(cfg)}) is kept, continue with --resume"
+            f"out of GPU memory at finetune.batch_size = {cfg.finetune.batch_size}: "
+            "lower it, and raise finetune.accumulate to keep the effective batch; "
+            f"the last checkpoint ({cfg.layout.checkpoint}) is kept, continue with "
+            "--resume"
         ) from err
     finally:
         if world.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+    if world.main:
+        publish(cfg, identity, images.label_names, state.history, settings, stopped)
     h = state.history
     return FinetuneResult(
-        cfg.run.out / "model",
+        cfg.layout.model("finetune").folder,
         len(h.epochs),
         h.best_epoch,
         float(h.best_value or 0.0),
-        ft.monitor,
+        cfg.finetune.monitor,
         stopped,
         time.perf_counter() - start,
         state.effective_batch,
+    )
+
+
+def model_stamp(cfg: Config, images: ImageSet) -> str:
+    """The stamp of a fine-tuned model: the images and every setting it used.
+
+    `quadrant run` reuses a model whose record holds the same stamp, and
+    resumes a checkpoint made under it.
+    """
+    return stamp(
+        asdict(cfg.finetune), asdict(cfg.backbone), images.fingerprint, cfg.run.seed
     )
 
 
@@ -179,15 +185,24 @@ def _device(ft: FinetuneConfig, world: Dist) -> torch.device:
     return device
 
 
-def _check_data(images: ImageSet, ft: FinetuneConfig, world: Dist) -> None:
+def _fitting_batch(cfg: Config, images: ImageSet, world: Dist) -> Config:
+    """The config with a batch size the training split can fill, checked data.
+
+    A batch larger than the training images of one process would leave every
+    epoch empty (the last partial batch is dropped): it is cut to fit, and
+    the log says so.
+
+    Raises:
+        DataError: fewer than two training images per process (BatchNorm
+            needs two), or a class without validation images.
+    """
+    ft = cfg.finetune
     counts = images.counts()
-    n_train = sum(counts["train"].values())
-    per_step = ft.batch_size * world.world
-    if n_train < per_step:
+    per_process = sum(counts["train"].values()) // world.world
+    if per_process < 2:
         raise DataError(
-            f"the training split has {n_train} images, fewer than one batch "
-            f"(finetune.batch_size = {ft.batch_size} x {world.world} process(es)); "
-            "lower finetune.batch_size"
+            f"the training split has {sum(counts['train'].values())} images for "
+            f"{world.world} process(es); fine-tuning needs at least two per process"
         )
     missing = [n for n in images.label_names if counts["val"][n] == 0]
     if missing:
@@ -195,6 +210,17 @@ def _check_data(images: ImageSet, ft: FinetuneConfig, world: Dist) -> None:
             f"class(es) {missing} have no validation images, so validation would "
             "not measure them; add val images or set data.val_fraction > 0"
         )
+    if ft.batch_size <= per_process:
+        return cfg
+    if world.main:
+        log.warning(
+            "finetune.batch_size = %d is more than the %d training images per "
+            "process: using batches of %d",
+            ft.batch_size,
+            per_process,
+            per_process,
+        )
+    return replace(cfg, finetune=replace(ft, batch_size=per_process))
 
 
 def build_model(
@@ -430,7 +456,7 @@ class _Training:
     def _save(self, identity: dict[str, Any]) -> None:
         h = self.history
         checkpoint.save(
-            _checkpoint_path(self.cfg),
+            self.cfg.layout.checkpoint,
             {
                 "identity": identity,
                 "label_names": list(self.label_names),
@@ -462,13 +488,11 @@ class _Training:
             )
             self.epoch += 1
             if self.world.main:
-                improved = self._record(train_metrics, val_metrics)
-                if improved:
-                    save_model(
-                        self.cfg, self.model, identity, self.label_names, self.history
-                    )
+                if self._record(train_metrics, val_metrics):
+                    save_weights(self.model, self.cfg.layout.best_weights)
                 self._save(identity)
-                write_history(self.cfg, self.history)
+                work = ModelFiles(self.cfg.layout.finetune_work, "finetune")
+                write_history(self.cfg, self.history, work)
             if self.world.world > 1:
                 dist.barrier()
             if self._stop():
@@ -523,10 +547,6 @@ def _channels_last(ft: FinetuneConfig, device: torch.device) -> bool:
     # training about 30% slower (depthwise convolution backward), while it
     # speeds up tensor-core GPUs.
     return ft.channels_last and device.type == "cuda"
-
-
-def _checkpoint_path(cfg: Config) -> Path:
-    return cfg.run.out / "finetune" / "last.pt"
 
 
 def _check_identity(
@@ -584,26 +604,34 @@ def _loaders(
         background=d.background,
     )
     pin = device.type == "cuda"
-    return (
-        finetune_data.loader(
-            train,
-            batch_size=ft.batch_size,
-            train=True,
-            workers=workers,
-            pin_memory=pin,
-            seed=cfg.run.seed,
-            world=world.world,
-            rank=world.rank,
-        ),
-        finetune_data.loader(
-            val,
-            batch_size=ft.batch_size,
-            train=False,
-            workers=workers,
-            pin_memory=pin,
-            seed=cfg.run.seed,
-        ),
+    train_loader = finetune_data.loader(
+        train,
+        batch_size=ft.batch_size,
+        train=True,
+        workers=workers,
+        pin_memory=pin,
+        seed=cfg.run.seed,
+        world=world.world,
+        rank=world.rank,
     )
+    used = len(train_loader) * ft.batch_size * world.world
+    if world.main and used < len(train):
+        log.info(
+            "each epoch trains on %d of the %d training images: the last partial "
+            "batch is dropped (a different one each epoch, as the order is "
+            "reshuffled)",
+            used,
+            len(train),
+        )
+    val_loader = finetune_data.loader(
+        val,
+        batch_size=ft.batch_size,
+        train=False,
+        workers=workers,
+        pin_memory=pin,
+        seed=cfg.run.seed,
+    )
+    return train_loader, val_loader
 
 
 # ---------------------------------------------------------------------------
@@ -720,7 +748,7 @@ def evaluate(
     world: Dist | None = None,
 ) -> dict[str, float]:
     """Mean loss, accuracy and balanced accuracy on a loader's images."""
-    probs, labels, _ = predict_loader(model, loader, device, amp)
+    probs, labels, _ = predict_batches(model, loader, device, amp)
     y = labels.numpy()
     loss = float(nn.functional.nll_loss(torch.log(probs.clamp_min(1e-12)), labels))
     predicted = probs.argmax(1).numpy()
@@ -731,114 +759,80 @@ def evaluate(
     }
 
 
-@torch.inference_mode()
-def predict_loader(
-    model: nn.Module, loader: Any, device: torch.device, amp: torch.dtype | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax probabilities, labels and dataset indices of every decodable image."""
-    model.eval()
-    probs, labels, indices = [], [], []
-    for images, y, index in loader:
-        if len(y) == 0:
-            continue
-        images = images.to(device, non_blocking=True)
-        with torch.autocast(
-            device.type, dtype=amp or torch.float32, enabled=amp is not None
-        ):
-            logits = model(images)
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
-        labels.append(y)
-        indices.append(index)
-    if not probs:
-        empty = torch.zeros(0, dtype=torch.long)
-        return torch.zeros(0, 0), empty, empty
-    return torch.cat(probs), torch.cat(labels), torch.cat(indices)
-
-
 # ---------------------------------------------------------------------------
 # Outputs
 
 
-def save_model(
+def save_weights(model: ImageClassifier, path: Path) -> None:
+    """The model's weights (a state_dict: loads with weights_only=True)."""
+    with atomic_open(path, "wb") as handle:
+        torch.save(model.state_dict(), handle)
+
+
+def publish(
     cfg: Config,
-    model: ImageClassifier,
     identity: dict[str, Any],
     label_names: tuple[str, ...],
     history: History,
-) -> None:
-    """The best weights so far, with what they are, under run.out/model."""
-    folder = cfg.run.out / "model"
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"model.pt.tmp-{os.getpid()}"
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(folder / "model.pt")
-    meta = {
-        "format": "quadrant-finetuned",
-        "format_version": 1,
-        "kind": "finetune",
-        "classifier": "finetune",
-        "backbone": cfg.backbone.name,
-        "init": cfg.finetune.init,
-        "label_names": list(label_names),
-        "identity": identity,
-        "epoch": history.best_epoch,
-        "monitor": cfg.finetune.monitor,
-        "value": history.best_value,
-    }
-    atomic_write_text(
-        folder / "model.json", json.dumps(meta, indent=2, default=str) + "\n"
-    )
-
-
-def load_model(
-    folder: Path, device: torch.device
-) -> tuple[ImageClassifier, dict[str, Any]]:
-    """A fine-tuned model written by `save_model`, ready for inference.
-
-    Raises:
-        CheckpointError: not a fine-tuned model folder.
-    """
-    meta = json.loads((folder / "model.json").read_text())
-    if meta.get("kind") != "finetune":
-        raise CheckpointError(
-            f"{folder} holds a {meta.get('kind')} model, not a fine-tuned one"
-        )
-    identity = meta["identity"]
-    backbone = build_backbone(
-        meta["backbone"],
-        "random",
-        preprocessing=identity["preprocessing"],
-        num_classes=len(meta["label_names"]),
-    )
-    model = ImageClassifier(backbone.model, backbone.preprocessing)
-    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.to(device).eval(), meta
-
-
-def write_history(cfg: Config, history: History) -> None:
-    """finetune.json, finetune.csv and training_curves.png under run.out."""
-    out = cfg.run.out
-    atomic_write_text(
-        out / "finetune.json",
-        json.dumps(
-            {
-                "epochs": history.epochs,
+    settings: str,
+    stopped: bool,
+) -> ModelFiles:
+    """Publish `<run.out>/models/finetune/` whole: record, best weights, metrics."""
+    final = cfg.layout.model("finetune")
+    with staged_folder(final.folder) as folder:
+        files = ModelFiles(folder, "finetune")
+        _link_or_copy(cfg.layout.best_weights, files.weights)
+        record = new_record(
+            "finetune",
+            cfg,
+            label_names=label_names,
+            preprocessing=Preprocessing().updated(identity["preprocessing"]),
+            backbone=identity["backbone"],
+            stamp=settings,
+            init=cfg.finetune.init,
+            score_kind="probability",
+            weights={"file": files.weights.name, "sha256": sha256_of(files.weights)},
+            training={
+                "epochs_run": len(history.epochs),
+                "epochs": cfg.finetune.epochs,
                 "best_epoch": history.best_epoch,
-                "best_value": history.best_value,
                 "monitor": cfg.finetune.monitor,
+                "best_value": history.best_value,
+                "stopped_early": stopped,
             },
-            indent=2,
         )
-        + "\n",
+        write_json(files.record, record)
+        write_history(cfg, history, files)
+    return final
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    # NOTE: a hard link costs nothing for large weights; best.pt is later
+    # replaced by rename, which leaves the published file untouched.
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def write_history(cfg: Config, history: History, files: ModelFiles) -> None:
+    """finetune.json, finetune.csv and training_curves.png into `files.folder`."""
+    write_json(
+        files.history_json,
+        {
+            "epochs": history.epochs,
+            "best_epoch": history.best_epoch,
+            "best_value": history.best_value,
+            "monitor": cfg.finetune.monitor,
+        },
     )
     keys = list(history.epochs[0])
     lines = [",".join(keys)] + [
         ",".join(f"{row[k]:.6g}" for k in keys) for row in history.epochs
     ]
-    atomic_write_text(out / "finetune.csv", "\n".join(lines) + "\n")
+    write_text(files.history_csv, "\n".join(lines) + "\n")
     plots.training_curves(
         history.epochs,
-        out / "training_curves.png",
+        files.curves,
         title=f"{cfg.backbone.name} ({cfg.finetune.init})",
     )

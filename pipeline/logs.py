@@ -1,8 +1,14 @@
-"""Console and run-log logging.
+"""Console and run-log logging, and the bookkeeping every command shares.
 
 The console shows INFO and up (DEBUG with -v); every command that works on a
-configured run also appends everything to `<run.out>/quadrant.log` and keeps a
-copy of the resolved configuration beside it.
+configured run also appends everything to `<run.out>/quadrant.log`. Other
+libraries' loggers (skl2onnx, onnxruntime's quantiser, matplotlib ...) are
+held at WARNING on both, unless `run.log_level = "debug"`.
+
+`run_log` also checks, before any compute, that the run folder can be
+written, removes what killed runs left there, and writes the resolved
+configuration to `<run.out>/config.toml` once the command has succeeded, so
+that file is always the record of a command that worked.
 """
 
 from __future__ import annotations
@@ -14,13 +20,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from features.cache import atomic_write_text
+from features.atomic import check_writable, remove_stale, write_text
 from pipeline.config import Config, config_to_dict, dump_toml
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_OWN = ("pipeline", "features", "__main__", "benchmarks")
 
 
-class _Console(logging.StreamHandler):
+class _OwnOrWarnings(logging.Filter):
+    """quadrant's records at any level; other libraries' at WARNING and up."""
+
+    def __init__(self, everything: bool) -> None:
+        super().__init__()
+        self.everything = everything
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.everything or record.levelno >= logging.WARNING:
+            return True
+        return record.name.split(".")[0] in _OWN
+
+
+class _Console(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever sys.stderr is at the time (pytest and notebooks swap it)."""
 
     _quadrant_console = True
@@ -47,30 +67,36 @@ def setup_console(level: str = "info") -> None:
     handler = _Console()
     handler.setLevel(level.upper())
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.addFilter(_OwnOrWarnings(level == "debug"))
     root.addHandler(handler)
-    # Third-party chatter stays out of the console.
-    for noisy in ("matplotlib", "PIL", "h5py", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager
 def run_log(cfg: Config, command: str) -> Iterator[Path]:
-    """Append this command's log to `<run.out>/quadrant.log`; save the config.
+    """Check and tidy the run folder, log the command to quadrant.log, and
+    record the configuration once the command succeeded.
 
     Yields:
         The run folder.
+
+    Raises:
+        OutputError: run.out is not a writable folder (before any compute).
     """
-    out = cfg.run.out
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.toml", dump_toml(config_to_dict(cfg)))
-    handler = logging.FileHandler(out / "quadrant.log", encoding="utf-8")
+    layout = cfg.layout
+    check_writable(layout.root, setting="run.out")
+    remove_stale(layout.root)
+    if not layout.cache_dir.is_relative_to(layout.root):
+        remove_stale(layout.cache_dir)
+    handler = logging.FileHandler(layout.log, encoding="utf-8")
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.addFilter(_OwnOrWarnings(cfg.run.log_level == "debug"))
     root = logging.getLogger()
     root.addHandler(handler)
     _file_only(handler, logging.INFO, f"quadrant {command} (config: {cfg.source})")
     try:
-        yield out
+        yield layout.root
+        write_text(layout.config, dump_toml(config_to_dict(cfg)))
     except BaseException as err:
         # The console shows the error once, from the CLI; the log keeps it too.
         _file_only(handler, logging.ERROR, f"{command} failed: {err!r}")

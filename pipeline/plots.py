@@ -16,16 +16,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import numpy.typing as npt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+
+from features.atomic import atomic_path  # noqa: E402
 
 _DPI = 130
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=_DPI, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -97,8 +102,17 @@ def confusion_plot(
     else:
         for text in display.text_.ravel():
             text.set_text("")
-    ax.set_title(title)
+    # NOTE: long titles (a fine-tuned model's name and its accuracy) are
+    # wrapped to the figure's width instead of running off both edges.
+    ax.set_title(_wrap(title, size), fontsize=10)
     return _save(fig, path)
+
+
+def _wrap(text: str, inches: float) -> str:
+    """`text` broken into lines that fit a figure `inches` wide at 10 pt."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width=max(20, int(inches * 11))))
 
 
 def training_curves(
@@ -111,6 +125,7 @@ def training_curves(
         loss.plot(x, [row[f"{split}_loss"] for row in epochs], style, label=split)
         acc.plot(x, [row[f"{split}_accuracy"] for row in epochs], style, label=split)
     for ax, name in ((loss, "loss"), (acc, "accuracy")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
@@ -152,12 +167,23 @@ def cv_plot(
     param: str,
     path: Path,
     *,
+    chosen: int,
     title: str,
 ) -> Path:
-    """Cross-validated score against one hyper-parameter (a validation curve)."""
+    """Cross-validated score against one hyper-parameter; the chosen value marked."""
     fig, ax = plt.subplots(figsize=(6, 4))
     x = np.arange(len(values))
     ax.errorbar(x, mean, yerr=std, marker="o", capsize=3)
+    ax.plot(
+        [x[chosen]],
+        [mean[chosen]],
+        marker="*",
+        markersize=16,
+        color="tab:red",
+        linestyle="none",
+        label=f"chosen: {param} = {values[chosen]}",
+    )
+    ax.legend(loc="lower right")
     ax.set_xticks(x, [str(v) for v in values], rotation=30)
     ax.set_xlabel(param)
     ax.set_ylabel("cross-validated score")

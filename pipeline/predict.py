@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,10 +21,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from features.atomic import atomic_open, check_output_file
 from features.errors import ImageDecodeError, StageInputError
-from features.extractor import progress_bar
 from features.images import decode_image
 from features.onnx_engine import session
+from features.progress import progress_bar
 from features.transforms import Preprocessing, eval_transform
 
 log = logging.getLogger(__name__)
@@ -64,25 +64,23 @@ def run(
         StageInputError: the model or a path is missing, or the file is not a
             model written by `quadrant export`.
     """
+    check_output_file(out, setting="--out")
     loaded = _load(model, device)
     files = list(_gather(paths))
     transform = eval_transform(loaded.prep)
     failed = 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     with (
-        open(tmp, "w", newline="") as handle,
+        atomic_open(out, "w", newline="") as handle,
         ThreadPoolExecutor(4) as pool,
         progress_bar(len(files), desc="predict", enabled=True) as bar,
     ):
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["path", "label", "score", "top_k", "error"])
         for start in range(0, len(files), batch_size):
             batch = files[start : start + batch_size]
             decoded = list(pool.map(lambda f: _prepare(f, transform), batch))
             failed += _write_batch(writer, loaded, batch, decoded, top_k)
             bar.update(len(batch))
-    os.replace(tmp, out)
     provider = loaded.session.get_providers()[0]
     return PredictResult(out, len(files) - failed, failed, provider)
 

@@ -5,27 +5,31 @@ Cases 3 and 4: finetune -> evaluate -> export.
 Then predict (when asked) and `report.html`.
 
 Re-running reuses every valid artefact: codes by their cache key, and the
-sweep, the trained model, the fine-tuned model and the export by a stamp of
-the settings and inputs they were made from; only what changed is redone. A
-fine-tune interrupted part-way resumes from its checkpoint.
+sweep, the trained model, the fine-tuned model and the export by the stamp
+their records keep of the settings and inputs they were made from; only what
+changed is redone. A fine-tune interrupted part-way resumes from its
+checkpoint.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from features.cache import atomic_write_text, read_info
+from features.atomic import write_json
+from features.cache import read_info
 from features.layers import TOP
 from pipeline import advise, evaluate, export, extract, finetune, predict, report, sweep
 from pipeline import train as train_stage
 from pipeline.config import Config
+from pipeline.inputs import load_backbone, load_images
+from pipeline.layout import ModelFiles
+from pipeline.models import load_model
+from pipeline.stamps import stamp_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,6 +41,7 @@ class RunResult:
 
     case: int
     advice: advise.Advice | None
+    model: ModelFiles
     evaluation: evaluate.EvalResult
     export: export.ExportResult
     report: Path
@@ -57,35 +62,38 @@ def run(cfg: Config, *, predict_paths: Sequence[Path] = ()) -> RunResult:
     if case in (1, 2):
         cfg = _codes_path(cfg, case, timings, reused)
     else:
-        _finetune_path(cfg, case, advice, timings, reused)
+        cfg = _finetune_path(cfg, case, advice, timings, reused)
     evaluation = _timed(timings, "evaluate", lambda: evaluate.run(cfg))
+    model = load_model(cfg.layout.model("codes" if case in (1, 2) else "finetune"))
     exported = _export(cfg, timings, reused)
     predictions = None
     if predict_paths:
-        out = cfg.run.out / "predictions.csv"
+        out = model.files.predictions
         _timed(
             timings,
             "predict",
             lambda: predict.run(exported.path, predict_paths, out=out),
         )
         predictions = out
-    result = RunResult(
+    summary = {
+        "case": case,
+        "model": {"kind": model.kind, "created": model.record["created"]},
+        "timings": timings,
+        "reused": reused,
+    }
+    write_json(cfg.layout.summary, summary)
+    path = _timed(timings, "report", lambda: report.write(cfg))
+    return RunResult(
         case,
         advice,
+        model.files,
         evaluation,
         exported,
-        cfg.run.out / "report.html",
+        path,
         timings,
         reused,
         predictions,
     )
-    atomic_write_text(
-        cfg.run.out / "run.json",
-        json.dumps({"case": case, "timings": timings, "reused": reused}, indent=2)
-        + "\n",
-    )
-    _timed(timings, "report", lambda: report.write(cfg, case, timings, reused))
-    return result
 
 
 def _timed(timings: dict[str, float], name: str, work: Callable[[], T]) -> T:
@@ -96,19 +104,6 @@ def _timed(timings: dict[str, float], name: str, work: Callable[[], T]) -> T:
     return value
 
 
-def stamp(*parts: Any) -> str:
-    """A digest of the settings and inputs an artefact was made from."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _stamp_of(path: Path) -> str | None:
-    try:
-        return str(json.loads(path.read_text()).get("stamp"))
-    except (OSError, ValueError):
-        return None
-
-
 # ---------------------------------------------------------------------------
 # Cases 1 and 2
 
@@ -117,62 +112,28 @@ def _codes_path(
     cfg: Config, case: int, timings: dict[str, float], reused: list[str]
 ) -> Config:
     """Extract depths across the network, sweep them, train on top or the best."""
-    layers = advise.codes_layers(cfg, extract.load_backbone(cfg))
+    layers = advise.codes_layers(cfg, load_backbone(cfg))
     cfg = replace(
         cfg,
         extract=replace(cfg.extract, layers=tuple(layers)),
         train=replace(cfg.train, layer=TOP if case == 1 else "best"),
+        run=replace(cfg.run, model="codes"),
     )
     result = _timed(timings, "extract", lambda: extract.run(cfg))
     if result.reused:
         reused.append("codes")
     key = read_info(result.path).key
-    sweep_stamp = stamp(key, asdict(cfg.sweep), cfg.run.seed)
-    _unless_stamped(
-        "sweep",
-        cfg.run.out / "sweep.json",
-        sweep_stamp,
-        timings,
-        reused,
-        lambda: sweep.run(cfg),
-    )
-    train_stamp = stamp(
-        key, asdict(cfg.train), cfg.run.seed, sweep_stamp if case == 2 else None
-    )
-    _unless_stamped(
-        "model",
-        cfg.run.out / "model" / "model.json",
-        train_stamp,
-        timings,
-        reused,
-        lambda: train_stage.run(cfg),
-        stage="train",
-    )
+    if stamp_of(cfg.layout.sweep_json) == sweep.sweep_stamp(cfg, key):
+        reused.append("sweep")
+    else:
+        _timed(timings, "sweep", lambda: sweep.run(cfg))
+    layer, pooling = train_stage.resolve_layer(cfg, result.path)
+    wanted = train_stage.model_stamp(cfg, key, layer, pooling)
+    if stamp_of(cfg.layout.model("codes").record) == wanted:
+        reused.append("model")
+    else:
+        _timed(timings, "train", lambda: train_stage.run(cfg))
     return cfg
-
-
-def _unless_stamped(
-    name: str,
-    path: Path,
-    value: str,
-    timings: dict[str, float],
-    reused: list[str],
-    work: Callable[[], Any],
-    *,
-    stage: str | None = None,
-) -> None:
-    """Reuse the artefact at `path` if its stamp is `value`; else make and stamp it."""
-    if _stamp_of(path) == value:
-        reused.append(name)
-        return
-    _timed(timings, stage or name, work)
-    _add_stamp(path, value)
-
-
-def _add_stamp(path: Path, value: str) -> None:
-    data = json.loads(path.read_text())
-    data["stamp"] = value
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 # ---------------------------------------------------------------------------
@@ -185,62 +146,45 @@ def _finetune_path(
     advice: advise.Advice | None,
     timings: dict[str, float],
     reused: list[str],
-) -> None:
+) -> Config:
     if case == 3:
         init = "pretrained"
     elif advice is not None:
         init = str(advice.settings["finetune.init"])
     else:  # a forced case 4 keeps the configured init
         init = cfg.finetune.init
-    cfg = replace(cfg, finetune=replace(cfg.finetune, init=init))
-    images = extract.load_images(cfg)
-    ft_stamp = stamp(
-        asdict(cfg.finetune), asdict(cfg.backbone), images.fingerprint, cfg.run.seed
+    cfg = replace(
+        cfg,
+        finetune=replace(cfg.finetune, init=init),
+        run=replace(cfg.run, model="finetune"),
     )
-    model_json = cfg.run.out / "model" / "model.json"
-    checkpoint = cfg.run.out / "finetune" / "last.pt"
-    if _stamp_of(model_json) == ft_stamp and _complete(checkpoint, cfg):
+    wanted = finetune.model_stamp(cfg, load_images(cfg))
+    layout = cfg.layout
+    if stamp_of(layout.model("finetune").record) == wanted:
         reused.append("model")
-        return
-    resume = (
-        checkpoint.exists()
-        and _stamp_of(cfg.run.out / "finetune" / "stamp.json") == ft_stamp
-    )
-    if checkpoint.exists() and not resume:
-        log.warning("fine-tuning settings changed since %s: starting over", checkpoint)
-    atomic_write_text(
-        cfg.run.out / "finetune" / "stamp.json", json.dumps({"stamp": ft_stamp}) + "\n"
-    )
+        return cfg
+    resume = layout.checkpoint.exists() and stamp_of(layout.finetune_stamp) == wanted
+    if layout.checkpoint.exists() and not resume:
+        log.warning(
+            "fine-tuning settings changed since %s: starting over", layout.checkpoint
+        )
     _timed(
         timings,
         "finetune",
         lambda: finetune.run(cfg, resume=resume, restart=not resume),
     )
-    _add_stamp(model_json, ft_stamp)
-
-
-def _complete(checkpoint: Path, cfg: Config) -> bool:
-    if not checkpoint.exists():
-        return False
-    from pipeline.checkpoint import load
-
-    state = load(checkpoint)
-    history = state.get("history", [])
-    stopped = (
-        cfg.finetune.patience and state.get("bad_epochs", 0) >= cfg.finetune.patience
-    )
-    return bool(state["epoch"] >= cfg.finetune.epochs or (history and stopped))
+    return cfg
 
 
 def _export(
     cfg: Config, timings: dict[str, float], reused: list[str]
 ) -> export.ExportResult:
-    model_json = cfg.run.out / "model" / "model.json"
-    export_stamp = stamp(asdict(cfg.export), model_json.read_text())
-    summary = cfg.run.out / "export.json"
-    if _stamp_of(summary) == export_stamp and (cfg.run.out / "model.onnx").exists():
+    model = load_model(cfg.layout.model(cfg.run.model))
+    files = model.files
+    if (
+        stamp_of(files.export_summary) == export.export_stamp(cfg, model)
+        and files.onnx.exists()
+    ):
         reused.append("export")
-        return export.load_result(summary)
-    result = _timed(timings, "export", lambda: export.run(cfg))
-    _add_stamp(summary, export_stamp)
-    return result
+        return export.load_result(files.export_summary)
+    return _timed(timings, "export", lambda: export.run(cfg))

@@ -8,7 +8,6 @@ a plot of accuracy against depth and the best layer (with its margin over
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -20,13 +19,15 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.model_selection import train_test_split
 
-from features.cache import atomic_write_text, read_info
+from features.atomic import write_csv, write_json
+from features.cache import read_info
 from features.codes import Codes, available_codes, load_codes
 from features.errors import DataError
 from features.layers import TOP
 from features.probes import ProbeResult, linear_probe, logme
 from pipeline import extract, plots
-from pipeline.config import Config
+from pipeline.config import Config, config_to_dict
+from pipeline.stamps import stamp
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,29 @@ def _probe(name: str, codes: Codes, cfg: Config) -> SweepRow:
     )
 
 
+def sweep_stamp(cfg: Config, cache_key: str) -> str:
+    """The stamp of a sweep: the codes it probed and the probe's settings."""
+    return stamp(cache_key, asdict(cfg.sweep), cfg.run.seed)
+
+
 def _write(cfg: Config, result: SweepResult) -> None:
-    out = cfg.run.out
+    layout = cfg.layout
+    columns = list(asdict(result.rows[0]))
+    write_csv(
+        layout.sweep_csv,
+        columns,
+        ([asdict(r)[c] for c in columns] for r in result.rows),
+    )
+    plots.sweep_plot(
+        [r.name for r in result.rows],
+        [r.accuracy for r in result.rows],
+        [r.std for r in result.rows],
+        [r.logme for r in result.rows],
+        result.best.name,
+        layout.sweep_plot,
+        title=f"{cfg.backbone.name} on {cfg.data.root.name}: "
+        f"{result.images} training images",
+    )
     summary = {
         "cache": str(result.cache),
         "key": result.key,
@@ -159,27 +181,15 @@ def _write(cfg: Config, result: SweepResult) -> None:
         "best": asdict(result.best),
         "margin_over_top": result.margin_over_top(),
         "rows": [asdict(r) for r in result.rows],
+        "stamp": sweep_stamp(cfg, result.key),
+        "config": config_to_dict(cfg),
     }
-    atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2) + "\n")
-    with open(out / "sweep.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(asdict(result.rows[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in result.rows)
-    plots.sweep_plot(
-        [r.name for r in result.rows],
-        [r.accuracy for r in result.rows],
-        [r.std for r in result.rows],
-        [r.logme for r in result.rows],
-        result.best.name,
-        out / "sweep.png",
-        title=f"{cfg.backbone.name} on {cfg.data.root.name}: "
-        f"{result.images} training images",
-    )
+    write_json(layout.sweep_json, summary)  # last: the record of a finished sweep
 
 
 def best_layer(cfg: Config, cache: Path) -> tuple[str, str]:
     """The (layer, pooling) the sweep ranks first, sweeping if needed."""
-    file = cfg.run.out / "sweep.json"
+    file = cfg.layout.sweep_json
     key = read_info(cache).key
     if file.is_file():
         saved = json.loads(file.read_text())

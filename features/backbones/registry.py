@@ -107,7 +107,7 @@ def _native_preprocessing(name: str, weights: str) -> Preprocessing:
     if name.startswith(_LITE_PREFIX):
         native = efficientnet_lite.preprocessing(_lite_variant(name))
         return Preprocessing(**native)  # type: ignore[arg-type]
-    known = weights != RANDOM and not _looks_like_path(weights)
+    known = weights != RANDOM and not is_weights_path(weights)
     return torchvision_weights.preprocessing(name, weights if known else DEFAULT)
 
 
@@ -123,7 +123,7 @@ def _load(
         if num_classes is not None:
             init_new_head(model)
         return model, None, f"random:seed={seed}"
-    if _looks_like_path(weights):
+    if is_weights_path(weights):
         return _load_checkpoint(name, Path(weights), input_size, num_classes)
     file = _pretrained_file(name, weights)
     model = _architecture(name, input_size, None)
@@ -133,7 +133,8 @@ def _load(
     return model, file, sha256_of(file)
 
 
-def _looks_like_path(weights: str) -> bool:
+def is_weights_path(weights: str) -> bool:
+    """Whether a `backbone.weights` value names a file rather than a tag."""
     return (
         "/" in weights or "\\" in weights or weights.endswith((".pth", ".pt", ".bin"))
     )
@@ -275,15 +276,15 @@ def init_new_head(model: nn.Module) -> None:
 
 
 def sha256_of(file: Path) -> str:
-    """sha256 of a file's bytes, remembered per (path, size, mtime)."""
-    stat = file.stat()
-    return _sha256(str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    """sha256 of a file's bytes, read every time.
 
-
-@functools.lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    NOTE: not memoised: a memo keyed on (path, size, mtime) goes stale when a
+    file is replaced by one of the same size and mtime (copied with its
+    times, or within the clock's resolution), and hashing even large
+    backbone weights costs well under a second.
+    """
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open(file, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -21,7 +21,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 from sklearn.utils import estimator_checks as checks
 
-from features.codes import CNNCodes
+from features import CNNCodes
 from features.errors import ImageDecodeError
 
 TINY = dict(

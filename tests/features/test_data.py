@@ -184,3 +184,46 @@ def test_content_fingerprint_ignores_mtime_but_not_bytes(image_folder: Path) -> 
     assert discover(image_folder, fingerprint="content").fingerprint == base
     write_png(image_folder / "cat" / "01.png", seed=1234)
     assert discover(image_folder, fingerprint="content").fingerprint != base
+
+
+def test_a_symlink_loop_visits_each_folder_once(image_folder: Path) -> None:
+    (image_folder / "cat" / "loop").symlink_to(image_folder / "cat")
+    (image_folder / "dog" / "a" / "b").parent.mkdir()
+    (image_folder / "dog" / "a" / "up").symlink_to(image_folder / "dog")
+    images = discover(image_folder, seed=0)
+    assert len(images) == 20  # not 12 -> 492, as with os.walk(followlinks) alone
+    real = [os.path.realpath(images.absolute(r)) for r in images.records]
+    assert len(set(real)) == len(real)  # no file twice, so none in two splits
+
+
+def test_a_linked_folder_of_another_class_is_refused(image_folder: Path) -> None:
+    (image_folder / "dog" / "cats").symlink_to(image_folder / "cat")
+    with pytest.raises(
+        DataError, match=r"listed 2 times with different labels or splits"
+    ):
+        discover(image_folder)
+
+
+def test_manifest_duplicates_are_dropped_and_conflicts_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for i in range(4):
+        write_png(tmp_path / "img" / f"{i}.png", seed=i)
+    rows = "img/0.png,x\nimg/1.png,x\nimg/2.png,y\nimg/3.png,y\n"
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,label\n" + rows + "img/0.png,x\n")
+    images = discover(manifest, val_fraction=0.0, test_fraction=0.0)
+    assert len(images) == 4
+    assert "line 6 repeats an earlier row; dropped" in caplog.text
+
+    manifest.write_text("path,label\n" + rows + "img/0.png,y\n")
+    with pytest.raises(
+        DataError, match=r"lists img/0.png on lines \[2, 6\] with different labels"
+    ):
+        discover(manifest)
+    manifest.write_text("path,label,split\nimg/0.png,x,train\nimg/0.png,x,test\n")
+    with pytest.raises(DataError, match="one label and one split"):
+        discover(manifest)
+    manifest.write_text("path,label\nimg/0.png,x\n./img/../img/0.png,y\n")
+    with pytest.raises(DataError, match="listed 2 times with different labels"):
+        discover(manifest)

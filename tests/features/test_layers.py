@@ -6,14 +6,13 @@ import torch
 from features.backbones import build_backbone
 from features.errors import BackboneError
 from features.layers import (
-    Pooling,
     layer_names,
     layer_shapes,
-    parse_pooling,
     pool,
     resolve_layers,
     resolve_top,
 )
+from features.pooling import Pooling, parse_pooling
 
 
 @pytest.mark.parametrize(

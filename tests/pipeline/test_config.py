@@ -53,6 +53,12 @@ BAD = [
     ("[backbone]\nmean = [0.5]\n", r"mean must have 3 values"),
     ("[backbone]\ninput_size = 4\n", r"input_size must be >= 8"),
     ("[run]\nstrategy = 'best'\n", r"strategy = 'best' is not one of"),
+    (
+        "[run]\nseed = -1\n",
+        r"\[run\] seed must be an integer in 0\.\.4294967295, got -1",
+    ),
+    ("[data]\nseed = 4294967296\n", r"\[data\] seed must be an integer in 0\.\."),
+    ("[run]\nmodel = 'best'\n", r"model = 'best' is not one of \['latest', 'codes'"),
     ("[trian]\nepochs = 1\n", r"unknown section\(s\) \['trian'\]; valid: "),
     ("extract = 3\n", r"extract must be a table"),
     ("[extract\n", r"is not valid TOML"),
@@ -145,6 +151,12 @@ def test_repo_conf_toml_is_the_demo_config() -> None:
     # conf.toml documents the demo; `quadrant demo` must run exactly it.
     from_file = load_config(REPO / "conf.toml")
     assert config_to_dict(from_file) == config_to_dict(demo_config(cwd=REPO))
+
+
+def test_the_starter_conf_toml_in_the_wheel_is_the_repos() -> None:
+    # `quadrant init` writes the packaged copy; the two must not drift apart.
+    packaged = REPO / "pipeline" / "templates" / "conf.toml"
+    assert packaged.read_bytes() == (REPO / "conf.toml").read_bytes()
 
 
 def test_extract_config_defaults_are_valid() -> None:

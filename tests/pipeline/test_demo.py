@@ -47,22 +47,25 @@ def test_demo_runs_the_whole_job_and_reports_it(
     assert case in (1, 2)  # 12 images per class is small
     run = tmp_path / "run"
     assert f"report: {run / 'report.html'}" in out and f"results are in {run}" in out
+    model = run / "models" / "codes"
     for name in (
         "advice.json",
         "sweep.png",
-        "model/model.json",
-        "metrics.json",
-        "model.onnx",
-        "predictions.csv",
+        "models/codes/model.json",
+        "models/codes/metrics.json",
+        "models/codes/model.onnx",
+        "models/codes/predictions.csv",
         "report.html",
         "run.json",
+        "config.toml",
     ):
         assert (run / name).is_file(), name
-    with open(run / "predictions.csv") as handle:
+    assert f"onnx: {model / 'model.onnx'}" in out
+    with open(model / "predictions.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 120
 
     html = (run / "report.html").read_text()
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics = json.loads((model / "metrics.json").read_text())
     advice = json.loads((run / "advice.json").read_text())
     assert f"Case {case}:" in html
     assert f"{metrics['accuracy']:.4f}" in html

@@ -14,7 +14,7 @@ import pytest
 from features import load_codes
 from features.errors import ExportParityError, StageInputError
 from features.onnx_engine import session
-from pipeline import export, extract, finetune, predict, train
+from pipeline import export, extract, finetune, inputs, predict, train
 from pipeline.config import Config
 from tests.conftest import write_png
 
@@ -31,7 +31,7 @@ def three_classes(tmp_path: Path) -> Path:
 
 
 def _labels_of(model: Path, images: list[Path], cfg: Config) -> np.ndarray:
-    pixels = extract.load_pixels(cfg, images, extract.load_backbone(cfg).preprocessing)
+    pixels = inputs.load_pixels(cfg, images, inputs.load_backbone(cfg).preprocessing)
     return session(model).run(["label"], {"images": pixels})[0]
 
 
@@ -55,20 +55,21 @@ def test_codes_path_export_matches_the_head(
     )
     train.run(cfg)
     result = export.run(cfg)
-    assert result.path == cfg.run.out / "model.onnx" and result.labels_equal
+    model_dir = cfg.run.out / "models" / "codes"
+    assert result.path == model_dir / "model.onnx" and result.labels_equal
     if classifier == "logistic":  # probabilities; margins are checked relatively
         assert result.max_abs_diff < 1e-4
     model = onnx.load(result.path)
     props = {p.key: p.value for p in model.metadata_props}
     assert json.loads(props["label_names"]) == sorted(p.name for p in root.iterdir())
     assert json.loads(props["preprocessing"])["input_size"] == 32
-    kind = "probability" if classifier == "logistic" else "decision"
+    kind = "probability" if classifier == "logistic" else "margin"
     assert props["score_kind"] == kind
     # The exported graph predicts what the trained pipeline predicts on the codes.
     codes = load_codes(extract.locate_codes(cfg), "layer3", "avg")
-    from features.heads import load_head
+    from pipeline.models import load_model
 
-    expected = load_head(cfg.run.out / "model").pipeline.predict(codes.X)
+    expected = load_model(cfg.layout.model("codes")).head.predict(codes.X)
     got = _labels_of(result.path, [root / p for p in codes.paths], cfg)
     np.testing.assert_array_equal(got, expected)
 
@@ -110,21 +111,25 @@ def test_a_mismatching_export_is_not_left_as_good(
     cfg = make_config(image_folder, "train.cv_folds=2")
     train.run(cfg)
     export.run(cfg)  # a good one first: it must not survive a failed export
-    real = export._head_scores
+    from features.heads import Scores
+    from pipeline.models import CodesModel
 
-    def off_by_a_little(*args: object) -> tuple[np.ndarray, np.ndarray]:
-        scores, labels = real(*args)  # type: ignore[arg-type]
-        return scores + 0.01, labels
+    real = CodesModel.scores
 
-    monkeypatch.setattr(export, "_head_scores", off_by_a_little)
+    def off_by_a_little(self: CodesModel, codes: np.ndarray) -> Scores:
+        scores = real(self, codes)
+        return Scores(scores.values + 0.01, scores.labels, scores.kind)
+
+    monkeypatch.setattr(CodesModel, "scores", off_by_a_little)
     with pytest.raises(
         ExportParityError,
         match=r"scores: onnxruntime and the reference "
         r"differ by up to 0.01 at \(\d+, \d\) \(tolerance atol=0.0001",
     ):
         export.run(cfg)
-    assert not (cfg.run.out / "model.onnx").exists()
-    assert (cfg.run.out / "model.failed.onnx").exists()
+    files = cfg.layout.model("codes")
+    assert not files.onnx.exists() and not files.export_summary.exists()
+    assert files.onnx_failed.exists()
 
 
 def test_fp16_and_int8_variants_report_accuracy(
@@ -143,7 +148,7 @@ def test_fp16_and_int8_variants_report_accuracy(
     for variant in result.variants.values():
         assert variant.path.is_file() and 0 <= variant.accuracy <= 1
         assert variant.fp32_accuracy == result.variants["fp16"].fp32_accuracy
-    saved = json.loads((cfg.run.out / "export.json").read_text())
+    saved = json.loads(cfg.layout.model("codes").export_summary.read_text())
     assert set(saved["variants"]) == {"fp16", "int8"}
 
 
@@ -176,7 +181,8 @@ def test_export_before_training_says_what_to_run(
     image_folder: Path, make_config: MakeConfig
 ) -> None:
     with pytest.raises(
-        StageInputError, match="run `quadrant train` or `quadrant finetune`"
+        StageInputError,
+        match=r"run `quadrant train` \(codes path\) or `quadrant finetune`",
     ):
         export.run(make_config(image_folder))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -68,20 +69,22 @@ def test_finetune_learns_and_evaluates(fashion: Path, tmp_path: Path) -> None:
         ],
     )
     result = finetune.run(cfg)
-    history = json.loads((tmp_path / "finetune.json").read_text())["epochs"]
+    model = tmp_path / "models" / "finetune"
+    history = json.loads((model / "finetune.json").read_text())["epochs"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert result.epochs_run == 4 and result.best_value > 0.6  # chance: 1/3
     for name in (
-        "model/model.pt",
-        "model/model.json",
+        "models/finetune/model.pt",
+        "models/finetune/model.json",
+        "models/finetune/finetune.csv",
+        "models/finetune/training_curves.png",
         "finetune/last.pt",
-        "finetune.csv",
-        "training_curves.png",
+        "finetune/best.pt",
     ):
         assert (tmp_path / name).is_file(), name
     metrics = evaluate.run(cfg)
     assert metrics.accuracy > 0.6 and metrics.n_test == 15
-    assert json.loads((tmp_path / "metrics.json").read_text())["n_test"] == 15
+    assert json.loads((model / "metrics.json").read_text())["n_test"] == 15
 
 
 def _images(root: Path, classes: int = 2, per_class: int = 12) -> Path:
@@ -168,14 +171,45 @@ def test_resume_refuses_another_class_list(tmp_path: Path) -> None:
         finetune.run(config(root, tmp_path / "run", "finetune.epochs=2"), resume=True)
 
 
-def test_too_few_images_for_a_batch(tmp_path: Path) -> None:
+def test_a_batch_larger_than_the_data_is_cut_to_fit_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = _images(tmp_path / "data")  # 2 classes x 12: 18 for training
+    cfg = config(root, tmp_path / "run", "finetune.batch_size=64", "finetune.epochs=1")
+    with caplog.at_level(logging.INFO):
+        result = finetune.run(cfg)
+    assert result.epochs_run == 1
+    assert (
+        "finetune.batch_size = 64 is more than the 18 training images per process: "
+        "using batches of 18" in caplog.text
+    )
+    record = json.loads((tmp_path / "run/models/finetune/model.json").read_text())
+    assert record["config"]["finetune"]["batch_size"] == 18
+
+
+def test_dropping_the_last_partial_batch_is_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     root = _images(tmp_path / "data")
+    cfg = config(root, tmp_path / "run", "finetune.batch_size=5", "finetune.epochs=1")
+    with caplog.at_level(logging.INFO):
+        finetune.run(cfg)
+    assert "each epoch trains on 15 of the 18 training images" in caplog.text
+
+
+def test_too_few_images_for_the_processes(tmp_path: Path) -> None:
+    from pipeline.inputs import load_images
+
+    for c in ("a", "b"):
+        for split in ("train", "val", "test"):
+            write_png(tmp_path / "data" / split / c / "0.png", seed=ord(c))
+    cfg = config(tmp_path / "data", tmp_path / "run")
+    four = finetune.Dist(rank=0, world=4, local_rank=0)
     with pytest.raises(
         DataError,
-        match=r"training split has \d+ images, fewer than one "
-        r"batch \(finetune.batch_size = 64",
+        match=r"2 images for 4 process\(es\); fine-tuning needs at least two per",
     ):
-        finetune.run(config(root, tmp_path / "run", "finetune.batch_size=64"))
+        finetune._fitting_batch(cfg, load_images(cfg), four)
 
 
 def test_class_missing_from_validation(tmp_path: Path) -> None:
@@ -292,7 +326,8 @@ def test_ddp_with_two_gloo_processes(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "effective batch 8 (4 x 1 accumulation x 2 processes)" in done.stderr
     assert done.stdout.count("fine-tuned resnet18") == 1  # only rank 0 reports
-    history = json.loads((tmp_path / "run" / "finetune.json").read_text())["epochs"]
+    record = tmp_path / "run" / "models" / "finetune" / "finetune.json"
+    history = json.loads(record.read_text())["epochs"]
     assert len(history) == 2
     state = torch.load(tmp_path / "run" / "finetune" / "last.pt", weights_only=True)
     assert state["epoch"] == 2

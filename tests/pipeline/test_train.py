@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from features.errors import CacheMismatchError, DataError
-from features.heads import load_head
 from pipeline import evaluate, extract, sweep, train
 from pipeline.cli import main
 from pipeline.config import Config
 from pipeline.demo import demo_config
+from pipeline.models import load_model
 from tests.conftest import write_digits_subset, write_png
 
 MakeConfig = Callable[..., Config]
@@ -72,15 +72,20 @@ def test_train_on_best_layer_beats_chance_and_saves_model(digits_run: Config) ->
         digits_run, extract.locate_codes(digits_run)
     )
     assert result.cv_score > 0.7 and result.best_params["C"] in (0.1, 1.0)
-    model = digits_run.run.out / "model"
-    assert {"model.json", "model.joblib", "model.npz"} <= {
-        p.name for p in model.iterdir()
+    folder = digits_run.run.out / "models" / "codes"
+    assert result.model_dir == folder
+    assert {p.name for p in folder.iterdir()} == {
+        "model.json",
+        "head.skops",
+        "train.json",
+        "train_cv.png",
     }
-    head = load_head(model, allow_joblib=False)  # the code-free format
-    assert head.label_names == tuple(str(d) for d in range(10))
-    saved = json.loads((digits_run.run.out / "train.json").read_text())
+    model = load_model(digits_run.layout.model("codes"))
+    assert model.label_names == tuple(str(d) for d in range(10))
+    assert (model.layer, model.pooling) == (result.layer, result.pooling)
+    assert model.record["config"]["train"]["layer"] == "best"  # its own settings
+    saved = json.loads((folder / "train.json").read_text())
     assert saved["cv"]["best_score"] == pytest.approx(result.cv_score)
-    assert (digits_run.run.out / "train_cv.png").is_file()
 
 
 def test_evaluate_writes_the_numbers_it_prints(
@@ -96,7 +101,8 @@ def test_evaluate_writes_the_numbers_it_prints(
     assert main(["evaluate", "-c", str(conf)]) == 0
     printed = capsys.readouterr().out
     accuracy = float(re.search(r"accuracy (\d\.\d+)", printed).group(1))  # type: ignore[union-attr]
-    metrics = json.loads((digits_run.run.out / "metrics.json").read_text())
+    model = digits_run.run.out / "models" / "codes"
+    metrics = json.loads((model / "metrics.json").read_text())
     assert metrics["accuracy"] == pytest.approx(accuracy, abs=1e-4)
     assert metrics["accuracy"] > 0.7
     assert set(metrics["per_class"]["3"]) >= {
@@ -106,12 +112,15 @@ def test_evaluate_writes_the_numbers_it_prints(
         "support",
     }
     assert np.array(metrics["confusion_matrix"]).sum() == metrics["n_test"]
-    with open(digits_run.run.out / "misclassified.csv") as handle:
+    raw = (model / "misclassified.csv").read_bytes()
+    assert b"\r\n" not in raw  # LF line ends, as every CSV quadrant writes
+    with open(model / "misclassified.csv") as handle:
         rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["path", "true", "predicted", "score"]
     wrong = int(re.search(r"misclassified: (\d+)", printed).group(1))  # type: ignore[union-attr]
     assert len(rows) == wrong
     assert all(r["true"] != r["predicted"] for r in rows)
-    assert (digits_run.run.out / "confusion_matrix.png").stat().st_size > 10_000
+    assert (model / "confusion_matrix.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("classifier", ["linear_svm", "svm", "sgd"])
@@ -195,16 +204,39 @@ def test_non_finite_codes_are_refused(
         train.run(cfg)
 
 
-def test_evaluate_refuses_a_model_trained_on_other_codes(
-    image_folder: Path, make_config: MakeConfig
+def test_evaluate_uses_the_models_own_codes_whatever_the_config_says_now(
+    image_folder: Path, make_config: MakeConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model trained on a layer set of its own (as `quadrant run` does) is
+    evaluated on those codes, not re-extracted with today's [extract]."""
+    trained = make_config(
+        image_folder,
+        "train.cv_folds=2",
+        "extract.layers=['layer2', 'top']",
+        "train.layer=layer2",
+    )
+    train.run(trained)
+    first = evaluate.run(trained)
+    monkeypatch.setattr(
+        "features.extractor._forward",
+        lambda *a, **k: pytest.fail("codes were extracted again"),
+    )
+    later = make_config(image_folder, "backbone.input_size=40")  # [extract] default
+    assert evaluate.run(later).accuracy == first.accuracy
+
+
+def test_evaluate_refuses_data_of_other_classes(
+    image_folder: Path, make_config: MakeConfig, tmp_path: Path
 ) -> None:
     train.run(make_config(image_folder, "train.cv_folds=2"))
+    for c in ("cat", "cow"):
+        for i in range(6):
+            write_png(tmp_path / "other" / c / f"{i}.png", seed=i)
     with pytest.raises(
         CacheMismatchError,
-        match=r"trained on other codes than these:"
-        r"\n  .*preprocessing.input_size: expected 32, found 40",
+        match=r"trained on classes \['cat', 'dog'\], the data has \['cat', 'cow'\]",
     ):
-        evaluate.run(make_config(image_folder, "backbone.input_size=40"))
+        evaluate.run(make_config(tmp_path / "other"))
 
 
 def test_codes_from_a_gpu_run_are_reused_for_training(

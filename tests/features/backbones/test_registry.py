@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,20 @@ def test_local_checkpoint_with_another_head_loads(tmp_path: Path) -> None:
     rehead = build_backbone("resnet18", str(file), num_classes=3)
     assert rehead.model.fc.out_features == 3
     assert torch.equal(rehead.model.conv1.weight, model.conv1.weight)
+
+
+def test_a_weights_file_replaced_in_place_gets_its_new_identity(
+    tmp_path: Path,
+) -> None:
+    file = tmp_path / "w.pth"
+    torch.save(resnet18().state_dict(), file)
+    first = build_backbone("resnet18", str(file)).weights_sha256
+    stat = file.stat()
+    torch.manual_seed(1)
+    torch.save(resnet18().state_dict(), file)  # same size
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime, as cp -p
+    assert file.stat().st_size == stat.st_size
+    assert build_backbone("resnet18", str(file)).weights_sha256 != first
 
 
 BAD_FILES = [

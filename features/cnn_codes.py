@@ -1,0 +1,192 @@
+"""`CNNCodes`: a scikit-learn transformer from images to CNN codes.
+
+It follows the estimator contract (parameters stored in `__init__`, validated
+in `fit`, learned state ending in `_`), so it composes with `Pipeline` and
+`GridSearchCV`. Paths go through quadrant's extraction and, with `cache_dir`,
+its HDF5 cache; in-memory images run through the same code model directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+
+from features.codes import load_codes
+from features.layers import TOP
+
+
+class CNNCodes(TransformerMixin, BaseEstimator):
+    """scikit-learn transformer: images in, CNN codes of one layer out.
+
+    `X` is a sequence of image paths, or of images (PIL images or HxWxC /
+    HxW uint8 arrays). Paths go through quadrant's extraction (robust decoding,
+    the HDF5 cache when `cache_dir` is set, so a second `transform` of the
+    same files runs no forward pass); in-memory images are decoded and run
+    directly.
+
+    Args:
+        backbone: a name from `quadrant layers --list`.
+        weights: "default", a torchvision weights enum name, "random" or a
+            state_dict path.
+        layer: "top" or a layer name from `quadrant layers`.
+        pooling: avg, max, avg+max or grid:K (spatial layers only).
+        batch_size: images per forward batch.
+        device: auto, cpu, cuda, cuda:N or mps.
+        cache_dir: folder for code caches (None: no cache kept).
+        input_size: overrides the backbone's input size.
+        seed: seeds random weights.
+        progress: show a progress bar.
+
+    Example:
+        >>> from sklearn.pipeline import make_pipeline
+        >>> from sklearn.linear_model import LogisticRegression
+        >>> model = make_pipeline(CNNCodes(layer="top"), LogisticRegression())
+        >>> model.fit(train_paths, train_labels).score(test_paths, test_labels)
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        weights: str = "default",
+        layer: str = TOP,
+        pooling: str = "avg",
+        batch_size: int = 64,
+        device: str = "auto",
+        cache_dir: str | Path | None = None,
+        input_size: int | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
+        self.backbone = backbone
+        self.weights = weights
+        self.layer = layer
+        self.pooling = pooling
+        self.batch_size = batch_size
+        self.device = device
+        self.cache_dir = cache_dir
+        self.input_size = input_size
+        self.seed = seed
+        self.progress = progress
+
+    def fit(self, X: Any = None, y: Any = None) -> CNNCodes:
+        """Build the frozen backbone cut at `layer` (nothing is learned).
+
+        Raises:
+            ValueError: a parameter is out of range or unknown.
+        """
+        self._validate()
+        self._build()
+        self.n_features_out_ = int(self.model_.specs[0].dims)
+        return self
+
+    def _validate(self) -> None:
+        from features.pooling import parse_pooling
+
+        parse_pooling(self.pooling)  # raises ValueError with the valid spellings
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(
+                f"batch_size must be a positive int, got {self.batch_size!r}"
+            )
+
+    def _build(self) -> None:
+        from features.backbones import build_backbone
+        from features.extractor import CodeModel
+
+        prep = {"input_size": self.input_size}
+        self.backbone_ = build_backbone(
+            self.backbone, self.weights, seed=self.seed, preprocessing=prep
+        )
+        self.model_ = CodeModel(self.backbone_, [self.layer], [self.pooling])
+
+    def transform(self, X: Any) -> npt.NDArray[np.float32]:
+        """Codes of every image in `X`, in order: shape (len(X), n_features_out_).
+
+        Raises:
+            NotFittedError: `fit` was not called.
+            ImageDecodeError: an image could not be read (all listed).
+        """
+        check_is_fitted(self, "n_features_out_")
+        if not hasattr(self, "model_"):  # unpickled: weights were not pickled
+            self._build()
+        items = list(X)
+        if items and all(isinstance(i, str | Path) for i in items):
+            return self._transform_paths([Path(i) for i in items])
+        return self._transform_images(items)
+
+    def _options(self) -> Any:
+        from features.extractor import ExtractOptions
+
+        return ExtractOptions(
+            batch_size=self.batch_size,
+            device=self.device,
+            num_workers=0,
+            progress=self.progress,
+        )
+
+    def _transform_paths(self, paths: list[Path]) -> npt.NDArray[np.float32]:
+        import tempfile
+
+        from features.data import images_from_paths
+        from features.errors import ImageDecodeError
+        from features.extractor import extract_codes
+
+        images = images_from_paths(paths)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = extract_codes(
+                images,
+                self.model_,
+                options=self._options(),
+                cache_dir=Path(self.cache_dir or tmp),
+            )
+            if result.skipped:
+                listed = "; ".join(f"{p}: {r}" for p, r in result.skipped[:5])
+                raise ImageDecodeError(
+                    f"{len(result.skipped)} image(s) could not be read ({listed}); "
+                    "remove or fix them: a transformer must return one row per image"
+                )
+            codes = load_codes(result.path, self.layer)
+        row = {str(images.base / p): i for i, p in enumerate(codes.paths)}
+        return codes.X[[row[str(p.resolve())] for p in paths]]
+
+    def _transform_images(self, items: list[Any]) -> npt.NDArray[np.float32]:
+        import torch
+
+        from features.devices import resolve_device, resolve_precision
+        from features.extractor import CodeRunner
+        from features.images import to_rgb
+        from features.transforms import eval_transform
+
+        options = self._options()
+        device = resolve_device(options.device)
+        runner = CodeRunner(
+            self.model_, options, device, resolve_precision(options.precision, device)
+        )
+        prepare = eval_transform(self.model_.preprocessing)
+        out = []
+        for start in range(0, len(items), self.batch_size):
+            batch = [
+                prepare(to_rgb(item)) for item in items[start : start + self.batch_size]
+            ]
+            codes = runner(torch.stack(batch))
+            out.append(next(iter(codes.values())))
+        if not out:
+            return np.zeros((0, self.n_features_out_), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def get_feature_names_out(self, input_features: Any = None) -> npt.NDArray[np.str_]:
+        """Names `<layer>_<i>` of the output columns."""
+        check_is_fitted(self, "n_features_out_")
+        return np.array([f"{self.layer}_{i}" for i in range(self.n_features_out_)])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # NOTE: torch weights stay out of pickles (joblib.dump of a pipeline);
+        # `transform` rebuilds them from the parameters after unpickling.
+        state = dict(self.__dict__)
+        state.pop("backbone_", None)
+        state.pop("model_", None)
+        return state
