@@ -35,6 +35,7 @@ from features.datasets import write_fashion_mnist  # noqa: E402
 from features.onnx_engine import session  # noqa: E402
 from pipeline import export, finetune, inputs, train  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.models import load_model, select_model  # noqa: E402
 
 HEADS = ("logistic", "linear_svm", "svm", "sgd")
 
@@ -78,14 +79,12 @@ def exported(cfg: Config, head: str) -> export.ExportResult:
 
 def speed(cfg: Config, repeats: int, batches: int) -> tuple[float, float, float]:
     """(source img/s, onnxruntime img/s, median paired ratio) on one model."""
-    folder = cfg.run.out / "model"
-    meta = export._model_meta(folder)
-    build = export._finetuned if meta.get("kind") == "finetune" else export._codes
-    _, reference, prep = build(cfg, folder)
+    model = load_model(select_model(cfg.layout, cfg.run.model))
+    reference = model.image_scores  # the PyTorch (+ scikit-learn) model itself
     images = inputs.load_images(cfg)
     files = [images.absolute(r) for r in images.records][: 32 * batches]
-    pixels = inputs.load_pixels(cfg, files, prep)
-    sess = session(cfg.run.out / "model.onnx")
+    pixels = inputs.load_pixels(cfg, files, model.preprocessing)
+    sess = session(model.files.onnx)
 
     def onnx_run(batch: np.ndarray) -> Any:
         return sess.run(["scores", "label"], {"images": batch})

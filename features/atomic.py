@@ -195,6 +195,29 @@ def check_writable(folder: Path, *, setting: str | None = None) -> Path:
     return Path(folder)
 
 
+def check_free_space(
+    folder: Path, needed: int, *, what: str, setting: str | None = None
+) -> None:
+    """Refuse, before writing, work that the disk under `folder` cannot hold.
+
+    NOTE: some writers cannot fail cleanly halfway (HDF5 leaves its library
+    state broken after a failed write and can crash the process at exit), so
+    a write whose size is known is checked against the free space first.
+
+    Raises:
+        OutputError: naming the folder, the free and needed space, the fix.
+    """
+    free = shutil.disk_usage(folder).free
+    margin = 1 << 20  # metadata, chunk indices, small files beside
+    if free < needed + margin:
+        raise OutputError(
+            f"cannot write {what} into {folder}: {free / 2**20:.1f} MiB free, about "
+            f"{(needed + margin) / 2**20:.1f} MiB needed. Fix: free space there, or "
+            f"{_choose(setting)}; then run the same command again: finished work "
+            "is kept"
+        )
+
+
 def check_output_file(path: Path, *, setting: str | None = None) -> Path:
     """Check, before any compute, that a result file can be written at `path`.
 
@@ -276,6 +299,7 @@ def remove_stale(folder: Path) -> list[Path]:
             target = path.with_name(match["name"])
             if match["kind"] == "old" and not target.exists():
                 os.replace(path, target)
+                dirnames.append(target.name)  # and tidy inside it too
             elif path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:

@@ -43,6 +43,7 @@ import numpy.typing as npt
 from features.atomic import (
     atomic_open,
     atomic_path,
+    check_free_space,
     make_folder,
     output_error,
     write_text,
@@ -127,6 +128,10 @@ class ShardStore:
     @property
     def n_shards(self) -> int:
         return -(-self.n_rows // self.shard_rows)
+
+    def code_bytes(self, rows: int) -> int:
+        """Bytes the codes of `rows` rows take, every array together."""
+        return rows * sum(s.dims for s in self.specs) * self.dtype.itemsize
 
     def rows(self, shard: int) -> range:
         return range(
@@ -272,6 +277,12 @@ def assemble(
     new_index = np.full(len(table.paths), -1, dtype=np.int64)
     new_index[keep] = np.arange(len(keep))
     row_keep = image_ok[table.row_image]
+    check_free_space(
+        final.parent,
+        store.code_bytes(int(row_keep.sum())),
+        what="the code cache",
+        setting="extract.cache_dir",
+    )
     with atomic_path(final) as tmp, h5py.File(tmp, "w") as h5:
         _write_images(h5, table, keep, new_index, row_keep)
         skipped_all = sorted([*skipped, *failures])

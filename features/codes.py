@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from features.cache import open_cache
-from features.errors import CacheMismatchError
+from features.errors import CacheMismatchError, DataError
 from features.layers import TOP
 
 
@@ -350,3 +350,20 @@ def _drain(
     for start in range(0, held, block_rows):
         take = order[start : start + block_rows]
         yield X[take], y[take], groups[take]
+
+
+def check_finite(X: npt.NDArray[np.floating[Any]], name: str) -> None:
+    """Refuse NaN or infinite codes with the count and the likely causes.
+
+    Raises:
+        DataError: some codes are not finite.
+    """
+    bad = ~np.isfinite(X)
+    if bad.any():
+        rows = int(bad.any(axis=1).sum())
+        raise DataError(
+            f"{name}: {rows} of {len(X)} code rows hold NaN or infinite values. "
+            "Likely causes: float16 storage overflowing (set extract.dtype = "
+            "'float32'), fp16 autocast (set extract.precision = 'bf16' or 'fp32'), "
+            "or broken weights; re-extract after fixing."
+        )

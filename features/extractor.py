@@ -32,6 +32,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from features.atomic import check_free_space
 from features.backbones import Backbone
 from features.cache import (
     FORMAT_VERSION,
@@ -70,6 +71,7 @@ from features.transforms import (
 )
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ExtractOptions:
@@ -304,6 +306,14 @@ def extract_codes(
             return _reuse(final, key, start)
         todo = sorted(set(range(store.n_shards)) - set(store.committed()))
         computed = sum(len(store.rows(s)) for s in todo)
+        # The shards still to write, then the assembled file: known now, so
+        # a disk too small fails before the forward pass rather than after.
+        check_free_space(
+            store.parts,
+            store.code_bytes(computed) + store.code_bytes(store.n_rows),
+            what="the codes",
+            setting="extract.cache_dir",
+        )
         if todo:
             _forward(model, images, table, store, todo, options, device, precision)
         assemble(

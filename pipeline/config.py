@@ -539,7 +539,7 @@ class Config:
     @property
     def layout(self) -> RunLayout:
         """Every path the run folder holds."""
-        return RunLayout(self.run.out, self.cache_dir)
+        return RunLayout.of(self.run.out, self.cache_dir)
 
 
 SECTIONS: dict[str, type] = {

@@ -18,8 +18,11 @@ Every file lands in the model's own folder, written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,19 +227,45 @@ def _variants(
     labels = np.array([test[i].label for i in kept])
     base = _accuracy(files.onnx, pixels, labels, cfg)
     made: dict[str, Path] = {}
-    if cfg.export.fp16:
-        made["fp16"] = _to_fp16(files.onnx, files.variant("fp16"))
-    if cfg.export.int8 == "dynamic":
-        made["int8"] = _to_int8_dynamic(files.onnx, files.variant("int8"))
-    elif cfg.export.int8 == "static":
-        calibration = _calibration(images, model, cfg)
-        made["int8"] = _to_int8_static(files.onnx, files.variant("int8"), calibration)
+    with _quiet_onnxruntime(cfg.run.log_level == "debug"):
+        if cfg.export.fp16:
+            made["fp16"] = _to_fp16(files.onnx, files.variant("fp16"))
+        if cfg.export.int8 == "dynamic":
+            made["int8"] = _to_int8_dynamic(files.onnx, files.variant("int8"))
+        elif cfg.export.int8 == "static":
+            calibration = _calibration(images, model, cfg)
+            made["int8"] = _to_int8_static(
+                files.onnx, files.variant("int8"), calibration
+            )
     out = {}
     for name, path in made.items():
         accuracy = _accuracy(path, pixels, labels, cfg)
         out[name] = Variant(path, accuracy, base, path.stat().st_size)
         log.info("%s: test accuracy %.4f (fp32 %.4f)", name, accuracy, base)
     return out
+
+
+@contextlib.contextmanager
+def _quiet_onnxruntime(debug: bool) -> Iterator[None]:
+    """Keep onnxruntime's converters' advice off the console and the log.
+
+    NOTE: the quantiser and the float16 converter log on the root logger
+    ("Please consider pre-processing before quantization", shape-inference
+    notes), so no logger level can hold them back; a filter on the root
+    logger drops their records below ERROR unless run.log_level is debug.
+    The pre-processing they advise changed nothing here (docs/benchmarks.md).
+    """
+    marker = f"{os.sep}onnxruntime{os.sep}"
+
+    def keep(record: logging.LogRecord) -> bool:
+        return debug or record.levelno >= logging.ERROR or marker not in record.pathname
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def _calibration(
@@ -269,6 +298,7 @@ def _to_fp16(path: Path, out: Path) -> Path:
     """Weights and activations in float16, inputs and outputs unchanged."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = onnx.load(path)
     # The scikit-learn head (ai.onnx.ml operators) has no float16 kernels: it
@@ -276,6 +306,11 @@ def _to_fp16(path: Path, out: Path) -> Path:
     head = [n.name for n in model.graph.node if n.name.startswith("head/")]
     model = convert_float_to_float16(model, keep_io_types=True, node_block_list=head)
     _drop_repeated_casts(model.graph)
+    # NOTE: the converter appends the casts it adds in front of blocked nodes
+    # at the end of the node list; onnx.checker (and strict runtimes) want the
+    # graph in topological order, which onnxruntime's own helper restores.
+    OnnxModel.graph_topological_sort(model.graph, is_deterministic=True)
+    onnx.checker.check_model(model, full_check=True)
     with atomic_path(out) as tmp:
         onnx.save(model, tmp)
     return out

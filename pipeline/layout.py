@@ -113,6 +113,12 @@ class RunLayout:
     root: Path
     cache_dir: Path
 
+    @classmethod
+    def of(cls, run_out: Path | str, cache_dir: Path | str | None = None) -> RunLayout:
+        """The layout of the run folder `run_out` (cache in `<run_out>/cache`)."""
+        root = Path(run_out)
+        return cls(root, Path(cache_dir) if cache_dir else root / "cache")
+
     @property
     def config(self) -> Path:
         return self.root / "config.toml"

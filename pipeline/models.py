@@ -126,8 +126,10 @@ def read_record(files: ModelFiles) -> dict[str, Any]:
 
 
 def _train_command(kind: str) -> str:
-    return "run `quadrant train` first" if kind == "codes" else (
-        "run `quadrant finetune` first"
+    return (
+        "run `quadrant train` first"
+        if kind == "codes"
+        else ("run `quadrant finetune` first")
     )
 
 

@@ -64,7 +64,7 @@ def run(cfg: Config, *, predict_paths: Sequence[Path] = ()) -> RunResult:
     else:
         cfg = _finetune_path(cfg, case, advice, timings, reused)
     evaluation = _timed(timings, "evaluate", lambda: evaluate.run(cfg))
-    model = load_model(cfg.layout.model("codes" if case in (1, 2) else "finetune"))
+    model = load_model(cfg.layout.model(cfg.run.model))  # the path set run.model
     exported = _export(cfg, timings, reused)
     predictions = None
     if predict_paths:

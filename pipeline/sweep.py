@@ -13,16 +13,13 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 from sklearn.model_selection import train_test_split
 
 from features.atomic import write_csv, write_json
 from features.cache import read_info
-from features.codes import Codes, available_codes, load_codes
-from features.errors import DataError
+from features.codes import Codes, available_codes, check_finite, load_codes
 from features.layers import TOP
 from features.probes import ProbeResult, linear_probe, logme
 from pipeline import extract, plots
@@ -102,23 +99,6 @@ def _subset(codes: Codes, cfg: Config) -> Codes:
         random_state=cfg.run.seed,
     )
     return codes.take(np.sort(keep))
-
-
-def check_finite(X: npt.NDArray[np.floating[Any]], name: str) -> None:
-    """Refuse NaN or infinite codes with the count and the likely causes.
-
-    Raises:
-        DataError: some codes are not finite.
-    """
-    bad = ~np.isfinite(X)
-    if bad.any():
-        rows = int(bad.any(axis=1).sum())
-        raise DataError(
-            f"{name}: {rows} of {len(X)} code rows hold NaN or infinite values. "
-            "Likely causes: float16 storage overflowing (set extract.dtype = "
-            "'float32'), fp16 autocast (set extract.precision = 'bf16' or 'fp32'), "
-            "or broken weights; re-extract after fixing."
-        )
 
 
 def probe_codes(codes: Codes, cfg: Config) -> ProbeResult:

@@ -33,7 +33,13 @@ from features.classifiers import (
     fit_streaming,
     param_grid,
 )
-from features.codes import load_codes, read_labels, resolve_codes, stream_codes
+from features.codes import (
+    check_finite,
+    load_codes,
+    read_labels,
+    resolve_codes,
+    stream_codes,
+)
 from features.errors import ConfigError, DataError
 from features.heads import PROBE_ROWS, save_head, score_kind
 from features.transforms import Preprocessing
@@ -173,7 +179,7 @@ def _fit_grid(
     cfg: Config, spec: ClassifierSpec, cache: Path, layer: str, pooling: str
 ) -> Fitted:
     codes = load_codes(cache, layer, pooling, split="train", views=cfg.train.views)
-    sweep.check_finite(codes.X, f"{layer}/{pooling}")
+    check_finite(codes.X, f"{layer}/{pooling}")
     smallest = check_labels(codes.y[codes.views == 0], codes.label_names)
     folds = min(cfg.train.cv_folds, smallest)
     if folds < cfg.train.cv_folds:
@@ -273,7 +279,7 @@ def _fit_streaming(
                 buffer_rows=buffer_rows,
                 rng=rng,
             ):
-                sweep.check_finite(X, f"{layer}/{pooling}")
+                check_finite(X, f"{layer}/{pooling}")
                 keep = np.ones(len(y), dtype=bool)
                 if holdout is not None:
                     keep = _held_out(groups) == holdout

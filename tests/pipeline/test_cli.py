@@ -124,3 +124,44 @@ def test_python_dash_m_pipeline_is_the_same_command(tmp_path: Path) -> None:
     assert (
         "quadrant cache: error:" in result.stderr and "Traceback" not in result.stderr
     )
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_import_nothing_heavy(flag: str) -> None:
+    code = (
+        "import sys\n"
+        "from pipeline.cli import main\n"
+        f"try: main([{flag!r}])\n"
+        "except SystemExit: pass\n"
+        "heavy = ('torch', 'torchvision', 'sklearn', 'numpy', 'h5py', 'PIL', 'onnx')\n"
+        "print('LOADED', sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert "LOADED []" in done.stdout
+    if flag == "--version":
+        from pipeline import __version__
+
+        assert f"quadrant {__version__}" in done.stdout
+
+
+def test_init_writes_the_starter_conf_toml(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    assert main(["init", str(tmp_path / "new")]) == 0
+    written = tmp_path / "new" / "conf.toml"
+    assert written.read_bytes() == (repo / "conf.toml").read_bytes()
+    assert f"wrote {written}" in capsys.readouterr().out
+    assert main(["init", str(tmp_path / "new")]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert main(["init", str(tmp_path / "new"), "--force"]) == 0
+
+
+def test_missing_conf_toml_points_to_init(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["train"]) == 1
+    assert "run `quadrant init` to write a starter one here" in capsys.readouterr().err

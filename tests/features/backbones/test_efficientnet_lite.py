@@ -16,6 +16,7 @@ from torchvision.models.feature_extraction import (
 )
 from torchvision.ops import StochasticDepth
 
+from features.backbones import build_backbone
 from features.backbones.efficientnet_lite import (
     MEAN,
     STD,
@@ -181,6 +182,9 @@ def test_pretrained_weights_path_names_missing_package(
         pretrained_weights_path("lite1")
     with pytest.raises(WeightsNotFoundError, match=hint):
         efficientnet_lite("lite1")
+    # The way out is named as a user configures it, not as a Python argument.
+    with pytest.raises(WeightsNotFoundError, match='backbone.weights = "random"'):
+        build_backbone("efficientnet_lite1")
 
 
 UNKNOWN = [
