@@ -40,7 +40,7 @@ class _OwnOrWarnings(logging.Filter):
         return record.name.split(".")[0] in _OWN
 
 
-class _Console(logging.StreamHandler):  # type: ignore[type-arg]
+class _Console(logging.StreamHandler):
     """Writes to whatever sys.stderr is at the time (pytest and notebooks swap it)."""
 
     _quadrant_console = True

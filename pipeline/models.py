@@ -284,8 +284,8 @@ class CodesModel(TrainedModel):
         if "code_model" not in self._cache:
             # Flat layers are cached under "none"; any pooling leaves them as is.
             pooling = "avg" if self.pooling == "none" else self.pooling
-            model = CodeModel(self.backbone(), [self.layer], [pooling]).eval()
-            self._cache["code_model"] = model
+            built = CodeModel(self.backbone(), [self.layer], [pooling]).eval()
+            self._cache["code_model"] = built
         model: CodeModel = self._cache["code_model"]
         return model
 
