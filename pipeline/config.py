@@ -128,15 +128,7 @@ class BackboneConfig:
     interpolation: str | None = None
 
     def __post_init__(self) -> None:
-        from features.backbones import available_backbones
-
-        names = available_backbones()
-        if self.name not in names:
-            raise ConfigError(
-                f"[backbone] name = {self.name!r} is not a known backbone; run "
-                "`quadrant layers --list` for the names, e.g. "
-                f"{[n for n in names if 'lite' in n or n.startswith('resnet')]}"
-            )
+        self._check_name()
         for key in ("input_size", "resize_size"):
             value = getattr(self, key)
             if value is not None and value < 8:
@@ -155,6 +147,28 @@ class BackboneConfig:
                 "interpolation",
                 self.interpolation,
                 ("nearest", "bilinear", "bicubic"),
+            )
+
+    def _check_name(self) -> None:
+        # NOTE: imported here: reading the config module stays torch-free, and
+        # timm is imported only for timm names.
+        from features.backbones import available_backbones, timm_backbones
+        from features.errors import BackboneError
+
+        if timm_backbones.is_timm_name(self.name):
+            try:
+                timm_backbones.check_name(self.name)
+            except BackboneError as err:
+                raise ConfigError(f"[backbone] name = {self.name!r}: {err}") from None
+            return
+        names = available_backbones()
+        if self.name not in names:
+            raise ConfigError(
+                f"[backbone] name = {self.name!r} is not a known backbone; run "
+                "`quadrant layers --list` for the names, e.g. "
+                f"{[n for n in names if 'lite' in n or n.startswith('resnet')]}, "
+                "or a timm model as 'timm/<model>[.<tag>]'."
+                + timm_backbones.suggest(self.name)
             )
 
     def preprocessing(self) -> dict[str, Any]:
