@@ -49,6 +49,15 @@ def test_decide_follows_the_four_case_table(
         assert advice.settings["path"] == "finetune"
 
 
+def test_reasons_of_a_backbone_without_batchnorm_or_classifier() -> None:
+    cfg = load_config(None, [])
+    nan = float("nan")
+    domain = DomainStatistics(nan, (), nan, nan, nan, 10)
+    reasons = advise.decide(cfg, [20, 30], depths(0.9, 0.9), domain, 50).reasons()
+    assert "none (the backbone has no BatchNorm layers)" in reasons[3]
+    assert "the backbone has no classifier of its own" in reasons[4]
+
+
 def test_decide_reports_the_figures_it_used() -> None:
     cfg = load_config(None, [])
     advice = advise.decide(cfg, [10, 30, 12], depths(0.7, 0.85), DOMAIN, sample=52)
