@@ -114,9 +114,12 @@ class DataConfig:
 class BackboneConfig:
     """Which network, which weights, and overrides of its preprocessing.
 
-    `weights` is "default" (the backbone's best pretrained weights), a
-    torchvision weights enum name such as "IMAGENET1K_V2", "random", or the
-    path of a local state_dict file.
+    `name` is a torchvision model, `efficientnet_lite0`..`4`, or a timm model
+    as "timm/<model>[.<pretrained tag>]" (timm is imported only then).
+    `weights` is "default" (the backbone's best pretrained weights; for timm
+    the tag's, from the Hugging Face hub cache), a torchvision weights enum
+    name such as "IMAGENET1K_V2", "random", or the path of a local state_dict
+    or safetensors file.
     """
 
     name: str = "efficientnet_lite0"
@@ -188,7 +191,8 @@ class ExtractConfig:
 
     `layers` are names from `quadrant layers` ("top" is the input of the
     backbone's classifier); every layer is pooled with every entry of
-    `pooling` (avg, max, avg+max, grid:K). `views` > 1 adds augmented views of
+    `pooling` (avg, max, avg+max, grid:K; for transformer blocks also cls,
+    patch_avg, cls+patch_avg). `views` > 1 adds augmented views of
     each training image. `cache_dir` defaults to `<run.out>/cache`.
     """
 

@@ -23,11 +23,12 @@ backbones work, without it.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -213,26 +214,32 @@ def create(
             is not the pretrained config's (a fine-tuned or headless file).
 
     Raises:
-        BackboneError: the weights do not fit the architecture.
+        BackboneError: the weights do not fit the architecture, or timm
+            cannot build the model for this input size.
     """
     timm = import_timm(name)
     kwargs = _size_kwargs(name, input_size)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    if state is None:
-        model = timm.create_model(model_name(name), pretrained=False, **kwargs)
-        return _checked_size(model.eval(), name, input_size)
-    overlay: dict[str, Any] = {"state_dict": dict(state)}
-    if state_classes is not None:
-        overlay["num_classes"] = state_classes
+    if state is not None:
+        overlay: dict[str, Any] = {"state_dict": dict(state)}
+        if state_classes is not None:
+            overlay["num_classes"] = state_classes
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
     try:
-        model = timm.create_model(
-            model_name(name), pretrained=True, pretrained_cfg_overlay=overlay, **kwargs
-        )
-    except RuntimeError as err:
+        model = timm.create_model(model_name(name), **kwargs)
+    except RuntimeError as err:  # load_state_dict's mismatch report
+        if state is None:
+            raise
         raise BackboneError(
             f"the weights do not fit backbone {name!r}: {_first_lines(err)}. Hint: "
             "check that backbone.name is the architecture the file was saved from"
+        ) from err
+    except (AssertionError, ValueError, TypeError) as err:
+        raise BackboneError(
+            f"timm cannot build {name} for input_size {input_size} "
+            f"({type(err).__name__}: {_first_lines(err)}); try the model's own "
+            f"size, {pretrained_cfg(name).get('input_size', '?')}"
         ) from err
     return _checked_size(model.eval(), name, input_size)
 
@@ -423,17 +430,24 @@ def graph_node_names(model: nn.Module) -> list[str]:
     """FX node names in eval mode, traced with timm's leaf modules."""
     from timm.models import get_graph_node_names
 
-    with warnings.catch_warnings():
-        # NOTE: torchvision warns whenever the train-mode graph has more nodes
-        # (dropout, stochastic depth): names here are eval-mode names.
-        warnings.filterwarnings("ignore", message=".*subsequence of those obtained")
+    with _eval_names_only():
         _, names = get_graph_node_names(model)
     return list(names)
+
+
+@contextlib.contextmanager
+def _eval_names_only() -> Iterator[None]:
+    with warnings.catch_warnings():
+        # NOTE: torchvision warns whenever the train-mode graph has more nodes
+        # (dropout, stochastic depth): quadrant asks for eval-mode nodes only.
+        warnings.filterwarnings("ignore", message=".*subsequence of those obtained")
+        yield
 
 
 def feature_extractor(model: nn.Module, return_nodes: dict[str, str]) -> fx.GraphModule:
     """torchvision's FX feature extractor, traced with timm's leaf modules."""
     from timm.models import create_feature_extractor
 
-    extractor: fx.GraphModule = create_feature_extractor(model, return_nodes)
+    with _eval_names_only():
+        extractor: fx.GraphModule = create_feature_extractor(model, return_nodes)
     return extractor
