@@ -30,11 +30,13 @@ class CNNCodes(TransformerMixin, BaseEstimator):
     directly.
 
     Args:
-        backbone: a name from `quadrant layers --list`.
+        backbone: a name from `quadrant layers --list`, or a timm model as
+            "timm/<model>[.<pretrained tag>]".
         weights: "default", a torchvision weights enum name, "random" or a
             state_dict path.
         layer: "top" or a layer name from `quadrant layers`.
-        pooling: avg, max, avg+max or grid:K (spatial layers only).
+        pooling: avg, max, avg+max or grid:K (spatial layers); cls,
+            patch_avg or cls+patch_avg (a vision transformer's blocks).
         batch_size: images per forward batch.
         device: auto, cpu, cuda, cuda:N or mps.
         cache_dir: folder for code caches (None: no cache kept).

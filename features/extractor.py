@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import platform
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,11 +51,13 @@ from features.devices import (
     resolve_device,
     resolve_precision,
 )
-from features.errors import CacheMismatchError, ImageDecodeError
+from features.errors import BackboneError, CacheMismatchError, ImageDecodeError
 from features.images import DEFAULT_MAX_PIXELS, decode_image
 from features.layers import (
+    as_nchw,
     build_feature_extractor,
     depth_order,
+    output_layout,
     pool,
     pooled_name,
     resolve_layers,
@@ -143,6 +146,7 @@ class CodeModel(nn.Module):
         self.folded = fold_batchnorm(self.features) if fold else 0
         self.layer_order = depth_order(backbone.model, nodes)
         self.poolings = [parse_pooling(p) for p in pooling]
+        self.layout = output_layout(backbone.model)
         self.specs = self._specs(nodes, prep.input_size)
 
     @torch.no_grad()
@@ -151,9 +155,13 @@ class CodeModel(nn.Module):
         outputs = self.features(self.normalize(probe))
         specs: list[CodeSpec] = []
         for layer in self.layer_order:
-            shape = tuple(outputs[layer].shape[1:])
+            output = as_nchw(outputs[layer], self.layout)
+            shape = tuple(output.shape[1:])
             for p in self.poolings:
-                dims = int(pool(outputs[layer], p).shape[1])
+                try:
+                    dims = int(pool(output, p, self.layout).shape[1])
+                except BackboneError as err:
+                    raise BackboneError(f"layer {layer!r}: {err}") from None
                 spec = CodeSpec(
                     layer, nodes[layer], pooled_name((1, *shape), p), dims, shape
                 )
@@ -165,11 +173,11 @@ class CodeModel(nn.Module):
         outputs = self.features(self.normalize(images))
         codes = {}
         for spec in self.specs:
-            tensor = outputs[spec.layer].float()
+            tensor = as_nchw(outputs[spec.layer].float(), self.layout)
             pooling = next(
                 (p for p in self.poolings if p.spec == spec.pooling), self.poolings[0]
             )
-            codes[spec.name] = pool(tensor, pooling)
+            codes[spec.name] = pool(tensor, pooling, self.layout)
         return codes
 
 
@@ -595,6 +603,8 @@ def _environment(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
+        # NOTE: imported only by timm backbones; recorded when it ran.
+        "timm": getattr(sys.modules.get("timm"), "__version__", None),
         "h5py": h5py.__version__,
         "numpy": np.__version__,
         "device": str(device),

@@ -36,7 +36,9 @@ def fold_batchnorm(graph_module: fx.GraphModule) -> int:
     modules = dict(graph_module.named_modules())
     folded = 0
     for node in graph_module.graph.nodes:
-        if not _is_module(node, modules, nn.BatchNorm2d):
+        if not _is_module(node, modules, nn.BatchNorm2d) or not _plain_bn(
+            modules[str(node.target)]
+        ):
             continue
         source = node.args[0]
         if not (_is_module(source, modules, nn.Conv2d) and len(source.users) == 1):
@@ -60,6 +62,7 @@ def _fold_sequentials(root: nn.Module) -> int:
             if (
                 isinstance(conv, nn.Conv2d)
                 and isinstance(bn, nn.BatchNorm2d)
+                and _plain_bn(bn)
                 and not (conv.training or bn.training)
                 and bn.track_running_stats
             ):
@@ -67,6 +70,15 @@ def _fold_sequentials(root: nn.Module) -> int:
                 module._modules[bn_name] = nn.Identity()
                 folded += 1
     return folded
+
+
+def _plain_bn(module: nn.Module) -> bool:
+    """A BatchNorm2d computing nothing but the normalisation.
+
+    NOTE: subclasses add work after it (timm's BatchNormAct2d applies its
+    activation inside), which an identity in its place would drop.
+    """
+    return type(module) is nn.BatchNorm2d
 
 
 def _is_module(node: object, modules: dict[str, nn.Module], kind: type) -> bool:

@@ -201,7 +201,10 @@ class DomainStatistics:
 
 
 def domain_statistics(
-    model: torch.nn.Module, batches: Iterable[torch.Tensor]
+    model: torch.nn.Module,
+    batches: Iterable[torch.Tensor],
+    *,
+    classifier: bool = True,
 ) -> DomainStatistics:
     """Measure BatchNorm input shift and original-class predictions.
 
@@ -209,6 +212,9 @@ def domain_statistics(
         model: the backbone (its original classifier on), taking normalised
             float images.
         batches: normalised image batches (N, 3, S, S).
+        classifier: False for backbones built without a classifier (timm's
+            DINOv2, SigLIP): their outputs are features, not class scores, so
+            confidence, entropy and classes used are NaN.
     """
     model = model.eval()
     norms = [
@@ -238,7 +244,8 @@ def domain_statistics(
     try:
         with torch.inference_mode():
             for batch in batches:
-                probs.append(torch.softmax(model(batch).double(), dim=1))
+                out = model(batch).double()
+                probs.append(torch.softmax(out, dim=1) if classifier else out[:, :0])
     finally:
         for handle in handles:
             handle.remove()
@@ -264,6 +271,16 @@ def _summarise(
         )
         shifts.append(float(kl.mean()))
     k = probs.shape[1]
+    if k == 0:  # no classifier: nothing to say about its predictions
+        nan = float("nan")
+        return DomainStatistics(
+            float(np.mean(shifts)) if shifts else nan,
+            tuple(shifts),
+            nan,
+            nan,
+            nan,
+            len(probs),
+        )
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1) / math.log(k)
     top = probs.argmax(1)
     share = torch.bincount(top, minlength=k).double() / len(top)

@@ -20,6 +20,7 @@ and the recommended settings go to `advice.json`.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -93,12 +94,21 @@ class Advice:
             f"{self.sample} images ({'<=' if self.similar else '>'} "
             f"advise.top_margin = {100 * self.top_margin:.1f} points)",
             f"LogME ranks {self.logme_best_layer} first",
-            f"BatchNorm input shift (mean KL to the backbone's running statistics): "
-            f"{self.domain.bn_shift:.3f}",
-            f"the backbone's own classifier: mean top-1 probability "
-            f"{self.domain.confidence:.3f}, normalised entropy "
-            f"{self.domain.entropy:.3f}, {self.domain.classes_used:.1f} of its "
-            "classes in use",
+            "BatchNorm input shift (mean KL to the backbone's running statistics): "
+            + (
+                f"{self.domain.bn_shift:.3f}"
+                if math.isfinite(self.domain.bn_shift)
+                else "none (the backbone has no BatchNorm layers)"
+            ),
+            (
+                f"the backbone's own classifier: mean top-1 probability "
+                f"{self.domain.confidence:.3f}, normalised entropy "
+                f"{self.domain.entropy:.3f}, {self.domain.classes_used:.1f} of its "
+                "classes in use"
+            )
+            if math.isfinite(self.domain.confidence)
+            else "the backbone has no classifier of its own (its confidence is "
+            "not measured)",
         ]
 
 
@@ -192,7 +202,8 @@ def _domain(cfg: Config, backbone: Any, sample: ImageSet) -> DomainStatistics:
     files = [sample.absolute(sample.records[i]) for i in sorted(chosen)]
     pixels = torch.from_numpy(inputs.load_pixels(cfg, files, backbone.preprocessing))
     batches = (normalize(pixels[i : i + 32]) for i in range(0, len(pixels), 32))
-    return domain_statistics(backbone.model, batches)
+    classifier = backbone.identity()["num_classes"] > 0
+    return domain_statistics(backbone.model, batches, classifier=classifier)
 
 
 def decide(

@@ -15,11 +15,11 @@ from typing import Any
 
 from features import datasets
 from features.atomic import write_text
-from features.backbones import available_backbones, build_backbone
+from features.backbones import available_backbones, build_backbone, timm_backbones
 from features.cache import read_info, verify
-from features.errors import CacheCorruptError, OutputError
+from features.errors import BackboneError, CacheCorruptError, OutputError
 from features.extractor import ExtractResult
-from features.layers import TOP, layer_names, layer_shapes, resolve_top
+from features.layers import TOP, code_dims, layer_names, layer_shapes, resolve_top
 from features.pooling import parse_pooling
 from pipeline import evaluate as evaluate_stage
 from pipeline import export as export_stage
@@ -239,6 +239,11 @@ def format_extract(result: ExtractResult) -> str:
     return "\n".join(lines)
 
 
+def _dims(shape: Sequence[int], pooling: Any) -> str:
+    dims = code_dims(shape, pooling)
+    return "-" if dims is None else str(dims)
+
+
 def _shape(shape: Sequence[int]) -> str:
     return "x".join(str(v) for v in shape)
 
@@ -246,6 +251,15 @@ def _shape(shape: Sequence[int]) -> str:
 def list_backbones() -> int:
     """`quadrant layers --list`."""
     print("\n".join(available_backbones()))
+    try:
+        timm = timm_backbones.import_timm()
+        status = f"timm {timm.__version__} installed: {len(timm.list_models())} models"
+    except BackboneError:
+        status = f"timm is not installed: {timm_backbones.INSTALL}"
+    print(
+        "timm/<model>[.<pretrained tag>] names any timm model, e.g. "
+        f"timm/convnext_tiny.fb_in22k ({status})"
+    )
     return 0
 
 
@@ -257,20 +271,24 @@ def layers(cfg: Config, name: str | None, *, all_nodes: bool) -> int:
         name, "random", preprocessing={"input_size": cfg.backbone.input_size}
     )
     size = backbone.preprocessing.input_size
-    names = layer_names(backbone.model, all_nodes=all_nodes)
-    shapes = layer_shapes(backbone.model, names, size)
+    shapes = layer_shapes(
+        backbone.model, layer_names(backbone.model, all_nodes=all_nodes), size
+    )
     top = resolve_top(backbone.model)
+    stages = timm_backbones.stage_reductions(backbone.model)
     poolings = [parse_pooling(p) for p in cfg.extract.pooling]
-    header = "  ".join(f"{p.spec:>8}" for p in poolings)
+    width = max(8, *(len(p.spec) for p in poolings))
+    header = "  ".join(f"{p.spec:>{width}}" for p in poolings)
     print(f"{name} at {size}x{size} (codes per pooling of [extract] pooling)")
     print(f"  {'layer':<32} {'output':>14}  {header}")
-    for layer in names:
-        shape = shapes[layer]
-        dims = "  ".join(
-            f"{(shape[0] if len(shape) == 1 else p.dims(shape[0])):>8}"
-            for p in poolings
-        )
-        mark = f"  <- {TOP}" if layer == top else ""
+    marked = False
+    for layer, shape in shapes.items():
+        dims = "  ".join(f"{_dims(shape, p):>{width}}" for p in poolings)
+        mark = ""
+        if not marked and (layer == top or top.startswith(layer + ".")):
+            mark, marked = f"  <- {TOP}", True
+        elif layer in stages:
+            mark = f"  stage, stride {stages[layer]}" if stages[layer] else "  stage"
         print(f"  {layer:<32} {_shape(shape):>14}  {dims}{mark}")
     print(f'"{TOP}" is {top}, the input of the classifier.')
     return 0

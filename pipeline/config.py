@@ -114,9 +114,12 @@ class DataConfig:
 class BackboneConfig:
     """Which network, which weights, and overrides of its preprocessing.
 
-    `weights` is "default" (the backbone's best pretrained weights), a
-    torchvision weights enum name such as "IMAGENET1K_V2", "random", or the
-    path of a local state_dict file.
+    `name` is a torchvision model, `efficientnet_lite0`..`4`, or a timm model
+    as "timm/<model>[.<pretrained tag>]" (timm is imported only then).
+    `weights` is "default" (the backbone's best pretrained weights; for timm
+    the tag's, from the Hugging Face hub cache), a torchvision weights enum
+    name such as "IMAGENET1K_V2", "random", or the path of a local state_dict
+    or safetensors file.
     """
 
     name: str = "efficientnet_lite0"
@@ -128,15 +131,7 @@ class BackboneConfig:
     interpolation: str | None = None
 
     def __post_init__(self) -> None:
-        from features.backbones import available_backbones
-
-        names = available_backbones()
-        if self.name not in names:
-            raise ConfigError(
-                f"[backbone] name = {self.name!r} is not a known backbone; run "
-                "`quadrant layers --list` for the names, e.g. "
-                f"{[n for n in names if 'lite' in n or n.startswith('resnet')]}"
-            )
+        self._check_name()
         for key in ("input_size", "resize_size"):
             value = getattr(self, key)
             if value is not None and value < 8:
@@ -157,6 +152,28 @@ class BackboneConfig:
                 ("nearest", "bilinear", "bicubic"),
             )
 
+    def _check_name(self) -> None:
+        # NOTE: imported here: reading the config module stays torch-free, and
+        # timm is imported only for timm names.
+        from features.backbones import available_backbones, timm_backbones
+        from features.errors import BackboneError
+
+        if timm_backbones.is_timm_name(self.name):
+            try:
+                timm_backbones.check_name(self.name)
+            except BackboneError as err:
+                raise ConfigError(f"[backbone] name = {self.name!r}: {err}") from None
+            return
+        names = available_backbones()
+        if self.name not in names:
+            raise ConfigError(
+                f"[backbone] name = {self.name!r} is not a known backbone; run "
+                "`quadrant layers --list` for the names, e.g. "
+                f"{[n for n in names if 'lite' in n or n.startswith('resnet')]}, "
+                "or a timm model as 'timm/<model>[.<tag>]'."
+                + timm_backbones.suggest(self.name)
+            )
+
     def preprocessing(self) -> dict[str, Any]:
         """The preprocessing overrides (None keeps the backbone's own)."""
         return {
@@ -174,7 +191,8 @@ class ExtractConfig:
 
     `layers` are names from `quadrant layers` ("top" is the input of the
     backbone's classifier); every layer is pooled with every entry of
-    `pooling` (avg, max, avg+max, grid:K). `views` > 1 adds augmented views of
+    `pooling` (avg, max, avg+max, grid:K; for transformer blocks also cls,
+    patch_avg, cls+patch_avg). `views` > 1 adds augmented views of
     each training image. `cache_dir` defaults to `<run.out>/cache`.
     """
 

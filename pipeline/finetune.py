@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from features.atomic import atomic_open, staged_folder, write_json, write_text
 from features.backbones import build_backbone, sha256_of
 from features.backbones.registry import head_name
+from features.backbones.timm_backbones import is_timm_model
 from features.data import ImageSet
 from features.devices import (
     PRECISION_DTYPES,
@@ -256,9 +257,17 @@ def param_groups(
     Layers are the network's module paths two levels deep in forward order
     (`layer1.0`, `_blocks.5`, `features.3`); layer i of L gets
     lr * layer_decay ** (L - 1 - i), so the head learns fastest. Biases and
-    normalisation weights get no weight decay.
+    normalisation weights get no weight decay. timm models are grouped by
+    timm's own helper (`param_groups_layer_decay`), from the model's
+    `group_matcher`: a vision transformer's embeddings, then one group per
+    block, then the final norm and head; the parameters timm lists in
+    `no_weight_decay()` (position embeddings, class token) get no weight decay.
     """
     net = model.net if isinstance(model, ImageClassifier) else model
+    if is_timm_model(net) and hasattr(net, "group_matcher"):
+        return _timm_param_groups(
+            net, lr=lr, layer_decay=layer_decay, weight_decay=weight_decay
+        )
     names = [n for n, _ in net.named_parameters()]
     # Only layers that own parameters count: relu or pooling add no depth.
     layers = [
@@ -284,6 +293,27 @@ def param_groups(
         )
         group["params"].append(param)
     return list(groups.values())
+
+
+def _timm_param_groups(
+    net: nn.Module, *, lr: float, layer_decay: float, weight_decay: float
+) -> list[dict[str, Any]]:
+    try:
+        from timm.optim import param_groups_layer_decay
+    except ImportError:  # timm before 1.0.12 kept it here only
+        from timm.optim.optim_factory import param_groups_layer_decay
+
+    listed = getattr(net, "no_weight_decay", None)
+    no_decay = listed() if callable(listed) else ()
+    groups: list[dict[str, Any]] = param_groups_layer_decay(
+        net,
+        weight_decay=weight_decay,
+        no_weight_decay_list=tuple(no_decay),
+        layer_decay=layer_decay,
+    )
+    for group in groups:  # timm's scheduler applies lr_scale; quadrant's does not
+        group["lr"] = lr * group["lr_scale"]
+    return groups
 
 
 def _layer_of(parameter: str, depth: dict[str, int]) -> int:

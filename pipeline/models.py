@@ -22,6 +22,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -236,6 +237,10 @@ def _rebuild_backbone(record: Mapping[str, Any], kind: str) -> Backbone:
         seed = int(str(identity["weights_sha256"]).rpartition("=")[2] or 0)
     elif is_weights_path(weights):
         weights = str(identity["weights_file"])  # resolved when it was trained
+    elif identity.get("weights_source") and Path(identity["weights_file"]).is_file():
+        # NOTE: timm's hub weights: the very file (hub revision) trained on,
+        # even where the hub cache has a newer revision since.
+        weights = str(identity["weights_file"])
     backbone = build_backbone(
         identity["name"], weights, seed=seed, preprocessing=record["preprocessing"]
     )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +15,15 @@ import torch
 from PIL import Image
 
 from pipeline.config import Config, load_config
+
+# NOTE: set before anything imports huggingface_hub (timm does), which reads
+# them once: no test reaches the Hugging Face hub or a user's cache of it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="quadrant-test-hf-")
+atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], ignore_errors=True)
+
+# A commit hash of a hub repository, for Hugging Face hub cache entries.
+REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 # A small random network keeps extraction tests to seconds: resnet18 at 32 px.
 TINY = [
@@ -74,3 +86,22 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
         return load_config(None, [*base, *TINY, *overrides], cwd=tmp_path)
 
     return make
+
+
+def write_hub_cache(
+    cache: Path,
+    repo: str,
+    state: dict[str, torch.Tensor],
+    revision: str = REVISION,
+) -> Path:
+    """A Hugging Face hub cache entry as `hf_hub_download` leaves it: the file
+    under snapshots/<revision>/, and refs/main naming that revision."""
+    from safetensors.torch import save_file
+
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(revision)
+    file = folder / "snapshots" / revision / "model.safetensors"
+    file.parent.mkdir(parents=True)
+    save_file(state, file)
+    return file

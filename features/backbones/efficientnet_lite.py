@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ __all__ = [
     "efficientnet_lite",
     "preprocessing",
     "pretrained_weights_path",
+    "timm_state_dict",
 ]
 
 # NOTE: the TF Lite models expect (x * 255 - 127) / 128 for x in [0, 1], which is
@@ -496,3 +498,65 @@ def preprocessing(variant: str) -> dict[str, object]:
         "std": STD,
         "interpolation": "bilinear",
     }
+
+
+# Parameter names of timm's `tf_efficientnet_lite{n}` for this module's
+# (`_blocks.N.<module>`): the same network, named by stage and block.
+_TIMM_FIRST_STAGE = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
+_TIMM_BLOCK = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_TIMM_OUTSIDE = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_conv_head": "conv_head",
+    "_bn1": "bn2",
+    "_fc": "classifier",
+}
+
+
+def timm_state_dict(
+    state: Mapping[str, torch.Tensor], variant: str = "lite0"
+) -> dict[str, torch.Tensor]:
+    """The same weights under the names of timm's `tf_efficientnet_{variant}`.
+
+    timm's model is this architecture (TensorFlow "same" padding, ReLU6, no
+    squeeze-excitation); its blocks are named by stage and position
+    (`blocks.2.1.conv_dw`) where these are numbered (`_blocks.4._depthwise_conv`).
+    docs/libraries.md gives the comparison this made possible.
+
+    Raises:
+        BackboneError: if `variant` is unknown or a key is not one of this
+            module's parameter names.
+    """
+    repeats = [stage.repeats for stage in _scaled_stages(_variant(variant))]
+    renamed = {}
+    for key, value in state.items():
+        try:
+            renamed[_timm_key(key, repeats)] = value
+        except (KeyError, IndexError, ValueError):
+            raise BackboneError(
+                f"{key!r} is not a parameter of EfficientNet-{variant}"
+            ) from None
+    return renamed
+
+
+def _timm_key(key: str, repeats: list[int]) -> str:
+    parts = key.split(".")
+    if parts[0] != "_blocks":
+        return ".".join([_TIMM_OUTSIDE[parts[0]], *parts[1:]])
+    index, stage = int(parts[1]), 0
+    while index >= repeats[stage]:
+        index, stage = index - repeats[stage], stage + 1
+    table = _TIMM_FIRST_STAGE if stage == 0 else _TIMM_BLOCK
+    return ".".join(["blocks", str(stage), str(index), table[parts[2]], *parts[3:]])

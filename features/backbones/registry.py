@@ -1,10 +1,12 @@
 """The backbone registry: a name and a weights tag in, a model with its
 preprocessing and a verifiable weights identity out.
 
-Names are torchvision's classification models (`resnet50`, `convnext_tiny` ...)
-and quadrant's own EfficientNet-Lite (`efficientnet_lite0` .. `lite4`). Weights
-are "default", a torchvision enum name ("IMAGENET1K_V2"), "random" (seeded), or
-the path of a local state_dict file.
+Names are torchvision's classification models (`resnet50`, `convnext_tiny` ...),
+quadrant's own EfficientNet-Lite (`efficientnet_lite0` .. `lite4`) and, with
+the optional timm extra, any timm model as `timm/<model>[.<pretrained tag>]`
+(see `features.backbones.timm_backbones`). Weights are "default", a
+torchvision enum name ("IMAGENET1K_V2"), "random" (seeded), or the path of a
+local weights file (a state_dict, or safetensors).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model, list_models
 
-from features.backbones import efficientnet_lite, torchvision_weights
+from features.backbones import efficientnet_lite, timm_backbones, torchvision_weights
 from features.errors import BackboneError, WeightsNotFoundError
 from features.transforms import Preprocessing
 
@@ -42,6 +44,8 @@ class Backbone:
             "random" or a path).
         weights_file: the file the weights came from, if any.
         weights_sha256: sha256 of that file (or "random:seed=N").
+        extras: further identity entries (timm: the resolved model and tag,
+            the hub repository and revision, the pretrained data config).
     """
 
     name: str
@@ -50,6 +54,7 @@ class Backbone:
     weights: str
     weights_file: Path | None
     weights_sha256: str
+    extras: Mapping[str, Any] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
         """What makes these weights these weights (for provenance and cache keys)."""
@@ -59,14 +64,36 @@ class Backbone:
             "weights_file": str(self.weights_file) if self.weights_file else None,
             "weights_sha256": self.weights_sha256,
             "num_classes": _num_classes(self.model),
+            **self.extras,
         }
 
 
 @functools.cache
 def available_backbones() -> tuple[str, ...]:
-    """Every name `build_backbone` accepts."""
+    """Every name `build_backbone` accepts, but timm's (`timm/<model>`)."""
     lite = tuple(f"{_LITE_PREFIX}{v[-1]}" for v in efficientnet_lite.VARIANTS)
     return tuple(sorted(list_models(module=torchvision.models))) + lite
+
+
+def check_backbone_name(name: str) -> None:
+    """Refuse a name `build_backbone` would not accept, before any work.
+
+    timm names are checked against timm's registry (timm is imported only
+    for them).
+
+    Raises:
+        BackboneError: unknown name, unknown timm model or tag, or a timm
+            name without timm installed.
+    """
+    if timm_backbones.is_timm_name(name):
+        timm_backbones.check_name(name)
+        return
+    if name not in available_backbones():
+        raise BackboneError(
+            f"unknown backbone {name!r}; run `quadrant layers --list` for the "
+            "names, or use a timm model as timm/<model>[.<tag>]."
+            + timm_backbones.suggest(name)
+        )
 
 
 def build_backbone(
@@ -92,18 +119,25 @@ def build_backbone(
             not fit the architecture.
         WeightsNotFoundError: pretrained weights neither on disk nor downloadable.
     """
-    if name not in available_backbones():
-        raise BackboneError(
-            f"unknown backbone {name!r}; run `quadrant layers --list` for the names"
-        )
+    check_backbone_name(name)
     prep = _native_preprocessing(name, weights).updated(preprocessing or {})
+    extras: dict[str, Any] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, file, digest = _load(name, weights, prep.input_size, num_classes, seed)
-    return Backbone(name, model.eval(), prep, weights, file, digest)
+        if timm_backbones.is_timm_name(name):
+            model, file, digest, extras = _load_timm(
+                name, weights, prep.input_size, num_classes, seed
+            )
+        else:
+            model, file, digest = _load(
+                name, weights, prep.input_size, num_classes, seed
+            )
+    return Backbone(name, model.eval(), prep, weights, file, digest, extras)
 
 
 def _native_preprocessing(name: str, weights: str) -> Preprocessing:
+    if timm_backbones.is_timm_name(name):
+        return timm_backbones.preprocessing(name)
     if name.startswith(_LITE_PREFIX):
         native = efficientnet_lite.preprocessing(_lite_variant(name))
         return Preprocessing(**native)  # type: ignore[arg-type]
@@ -133,10 +167,50 @@ def _load(
     return model, file, sha256_of(file)
 
 
+def _load_timm(
+    name: str, weights: str, input_size: int, num_classes: int | None, seed: int
+) -> tuple[nn.Module, Path | None, str, dict[str, Any]]:
+    """A timm backbone: random, from the hub cache, or from a local file."""
+    extras = timm_backbones.identity_extras(name)
+    if weights == RANDOM:
+        model = timm_backbones.create(
+            name, input_size=input_size, num_classes=num_classes
+        )
+        if num_classes is not None:
+            init_new_head(model)
+        return model, None, f"random:seed={seed}", extras
+    if is_weights_path(weights):
+        file = Path(weights)
+        state = _read_state_dict(file)
+        classes = timm_backbones.state_classes(name, state)
+        model = timm_backbones.create(
+            name, input_size=input_size, state=state, state_classes=classes
+        )
+        file = file.resolve()
+    elif weights == DEFAULT:
+        file, source = timm_backbones.hub_weights(name)
+        extras["weights_source"] = source
+        model = timm_backbones.create(
+            name, input_size=input_size, state=_read_state_dict(file)
+        )
+    else:
+        raise BackboneError(
+            f"{name}: timm weights are chosen by the tag in the name "
+            f"({timm_backbones.PREFIX}<model>.<tag>); backbone.weights is 'default', "
+            f"'random' or a file path, got {weights!r}"
+        )
+    if num_classes is not None and num_classes != _num_classes(model):
+        model.reset_classifier(num_classes)  # type: ignore[operator]
+        init_new_head(model)
+    return model, file, sha256_of(file), extras
+
+
 def is_weights_path(weights: str) -> bool:
     """Whether a `backbone.weights` value names a file rather than a tag."""
     return (
-        "/" in weights or "\\" in weights or weights.endswith((".pth", ".pt", ".bin"))
+        "/" in weights
+        or "\\" in weights
+        or weights.endswith((".pth", ".pt", ".bin", ".safetensors"))
     )
 
 
@@ -165,6 +239,8 @@ def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
         raise WeightsNotFoundError(
             f"weights file {file} not found; check backbone.weights in conf.toml"
         )
+    if file.suffix == ".safetensors":
+        return _read_safetensors(file)
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors all mean "not weights"
@@ -188,6 +264,25 @@ def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
         # A model quadrant fine-tuned (normalisation + network): the network.
         state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
     return state
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors (the format holds tensors only: no pickle)."""
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise BackboneError(
+            f"{file} is a safetensors file: run `pip install safetensors` (timm's "
+            f"extra brings it: {timm_backbones.INSTALL})"
+        ) from None
+    try:
+        state = load_file(file, device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise BackboneError(
+            f"{file} is not a readable safetensors file ({err})"
+        ) from err
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def _load_checkpoint(
@@ -237,13 +332,28 @@ def _key_report(missing: list[str], unexpected: list[str], wrong: list[str]) -> 
 
 
 def head_name(model: nn.Module) -> str:
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
+    """The module name of the network's final linear classifier.
+
+    timm models say which module it is (their pretrained config's
+    "classifier"); for others it is the last linear layer.
+
+    Raises:
+        BackboneError: the network has no linear classifier.
+    """
+    modules = dict(model.named_modules())
+    if timm_backbones.is_timm_model(model):
+        for head in timm_backbones.classifier_names(model):
+            if isinstance(modules.get(head), nn.Linear):
+                return head
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    if not linears or timm_backbones.is_timm_model(model):
         raise BackboneError(f"{type(model).__name__} has no linear classifier")
     return linears[-1]
 
 
 def _num_classes(model: nn.Module) -> int:
+    if timm_backbones.is_timm_model(model):
+        return timm_backbones.num_classes(model)
     head = dict(model.named_modules())[head_name(model)]
     return int(head.out_features)
 

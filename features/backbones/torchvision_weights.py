@@ -74,7 +74,16 @@ def weights_file(name: str, tag: str) -> Path:
         WeightsNotFoundError: when the file is not cached and cannot be
             downloaded (offline), naming the file, the URL and where to put it.
     """
-    url = weights_enum(name, tag).url
+    return cached_download(weights_enum(name, tag).url, f"{name} ({tag})")
+
+
+def cached_download(url: str, label: str) -> Path:
+    """The torch hub cache's file of `url`, downloaded there if missing.
+
+    Raises:
+        WeightsNotFoundError: not cached and the download failed, naming the
+            file, the URL and where to put it.
+    """
     file = cache_path(url)
     if file.is_file():
         return file
@@ -86,7 +95,7 @@ def weights_file(name: str, tag: str) -> Path:
         )
     except (urllib.error.URLError, OSError, RuntimeError) as err:
         raise WeightsNotFoundError(
-            f"pretrained weights for {name} ({tag}) are not in the torch hub cache "
+            f"pretrained weights for {label} are not in the torch hub cache "
             f"and the download failed ({err}). Fix: on a machine with internet, "
             f"download {url} and put it at {file} (set TORCH_HOME to use another "
             "cache folder), or set backbone.weights to a local state_dict path, "

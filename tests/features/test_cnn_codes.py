@@ -111,3 +111,17 @@ def test_cnn_codes_refuses_unreadable_images(image_folder: Path) -> None:
     bad.write_bytes(bad.read_bytes()[:60])
     with pytest.raises(ImageDecodeError, match="1 image\\(s\\) could not be read"):
         CNNCodes(**TINY).fit().transform([bad, image_folder / "cat" / "01.png"])
+
+
+def test_cnn_codes_with_a_timm_vit_class_token(image_folder: Path) -> None:
+    codes = CNNCodes(
+        backbone="timm/vit_tiny_patch16_224",
+        weights="random",
+        layer="blocks.3",
+        pooling="cls",
+        input_size=32,
+        batch_size=4,
+        device="cpu",
+    )
+    paths = sorted(image_folder.rglob("*.png"))[:3]
+    assert codes.fit().transform(paths).shape == (3, 192)

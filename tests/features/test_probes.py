@@ -69,3 +69,17 @@ def test_linear_probe_uses_fewer_folds_for_small_classes() -> None:
     y = np.array([0, 0, 0, 1, 1, 1, 1, 1])
     X = np.arange(16, dtype=float).reshape(8, 2)
     assert linear_probe(X, y, folds=5, n_jobs=1).folds == 3
+
+
+def test_domain_statistics_of_a_backbone_without_classifier() -> None:
+    # timm's DINOv2 and SigLIP towers output features: no confidence to measure.
+    import torch
+
+    from features.probes import domain_statistics
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    batches = [torch.randn(5, 3, 2, 2)]
+    stats = domain_statistics(model, batches, classifier=False)
+    assert np.isnan(stats.confidence) and np.isnan(stats.entropy)
+    assert np.isnan(stats.bn_shift) and stats.images == 5
+    assert 0 < domain_statistics(model, batches).confidence <= 1

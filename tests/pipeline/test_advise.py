@@ -49,6 +49,15 @@ def test_decide_follows_the_four_case_table(
         assert advice.settings["path"] == "finetune"
 
 
+def test_reasons_of_a_backbone_without_batchnorm_or_classifier() -> None:
+    cfg = load_config(None, [])
+    nan = float("nan")
+    domain = DomainStatistics(nan, (), nan, nan, nan, 10)
+    reasons = advise.decide(cfg, [20, 30], depths(0.9, 0.9), domain, 50).reasons()
+    assert "none (the backbone has no BatchNorm layers)" in reasons[3]
+    assert "the backbone has no classifier of its own" in reasons[4]
+
+
 def test_decide_reports_the_figures_it_used() -> None:
     cfg = load_config(None, [])
     advice = advise.decide(cfg, [10, 30, 12], depths(0.7, 0.85), DOMAIN, sample=52)
@@ -104,3 +113,28 @@ def test_advise_skips_a_corrupt_image_instead_of_crashing(
     advice = advise.run(cfg)
     assert advice.case in (1, 2)
     assert advice.domain.bn_shift >= 0  # measured on the readable images
+
+
+def test_advise_probes_a_headless_vits_blocks(
+    image_folder: Path, make_config: Callable[..., Config]
+) -> None:
+    # A DINOv2 tower: no BatchNorm, no classifier, depths are its blocks.
+    cfg = make_config(
+        image_folder,
+        "backbone.name='timm/vit_small_patch14_dinov2'",
+        "backbone.input_size=28",
+        "backbone.resize_size=28",
+        "extract.pooling=['cls+patch_avg']",
+        "sweep.cv_folds=2",
+        "advise.depths=3",
+    )
+    advice = advise.run(cfg)
+    assert [d.layer for d in advice.depths] == [
+        "blocks.4/cls+patch_avg",
+        "blocks.7/cls+patch_avg",
+        "blocks.11/cls+patch_avg",
+        "top",
+    ]
+    assert [d.dims for d in advice.depths] == [768, 768, 768, 384]
+    reasons = " ".join(advice.reasons())
+    assert "no BatchNorm layers" in reasons and "no classifier of its own" in reasons

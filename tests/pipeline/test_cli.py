@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,21 @@ def test_layers_lists_names_shapes_and_top(
     assert "layer3" in out and "256x4x4" in out
     assert "flatten" in out and "<- top" in out
     assert main(["layers", "--list"]) == 0
-    assert "efficientnet_lite0" in capsys.readouterr().out.split()
+    listed = capsys.readouterr().out
+    assert "efficientnet_lite0" in listed.split()
+    assert "timm/<model>[.<pretrained tag>]" in listed
+
+
+def test_layers_of_a_timm_vit_mark_its_blocks_and_top(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["layers", "timm/vit_tiny_patch16_224", "--set", "backbone.input_size=32"]
+    args += ["--set", "extract.pooling=['cls+patch_avg']"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "timm/vit_tiny_patch16_224 at 32x32" in out
+    assert re.search(r"blocks\.11 +5x192 +384  stage, stride 16", out)
+    assert re.search(r"fc_norm +192 +192  <- top", out)
 
 
 def test_demo_data_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -174,3 +174,12 @@ def test_every_config_key_is_documented() -> None:
         part = doc.split(f"## [{section}]")[1].split("\n## ")[0]
         for f in fields(cls):
             assert f"`{f.name}`" in part, f"[{section}] {f.name} is not documented"
+
+
+def test_config_without_a_timm_backbone_never_imports_timm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # any `import timm` fails
+    assert load_config(None, ["backbone.name=resnet18"]).backbone.name == "resnet18"

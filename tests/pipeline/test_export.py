@@ -14,7 +14,7 @@ import pytest
 from features import load_codes
 from features.errors import ExportParityError, StageInputError
 from features.onnx_engine import session
-from pipeline import export, extract, finetune, inputs, predict, train
+from pipeline import export, extract, finetune, inputs, predict, sweep, train
 from pipeline.config import Config
 from tests.conftest import write_png
 
@@ -96,6 +96,67 @@ def test_finetuned_export_matches_the_network(
         ["scores", "label"], {"images": np.zeros((3, 3, 32, 32), dtype=np.uint8)}
     )
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)  # softmax
+
+
+@pytest.mark.parametrize(
+    "backbone, layers, pooling",
+    [
+        ("timm/resnet18", ["top", "layer3"], ["avg"]),
+        ("timm/efficientnet_b0", ["top", "blocks.4"], ["avg+max"]),
+        ("timm/vit_tiny_patch16_224", ["top", "blocks.5"], ["cls+patch_avg"]),
+    ],
+)
+def test_timm_backbones_from_extraction_to_a_checked_export(
+    image_folder: Path,
+    make_config: MakeConfig,
+    backbone: str,
+    layers: list[str],
+    pooling: list[str],
+) -> None:
+    cfg = make_config(
+        image_folder,
+        f"backbone.name='{backbone}'",
+        f"extract.layers={layers}",
+        f"extract.pooling={pooling}",
+        "train.layer=best",
+        "train.cv_folds=2",
+        "train.C=[1.0]",
+        "sweep.cv_folds=2",
+        "export.parity_images=8",
+    )
+    codes = extract.run(cfg)
+    assert [s.layer for s in codes.specs] == [layers[1], "top"]
+    swept = sweep.run(cfg)
+    assert {(r.layer, r.pooling) for r in swept.rows} == {
+        (s.layer, s.pooling) for s in codes.specs
+    }
+    trained = train.run(cfg)
+    assert (trained.layer, trained.pooling) == (swept.best.layer, swept.best.pooling)
+    result = export.run(cfg)
+    assert result.labels_equal and result.max_abs_diff < 1e-4
+    props = {p.key: p.value for p in onnx.load(result.path).metadata_props}
+    assert json.loads(props["backbone"])["name"] == backbone
+
+
+def test_finetuned_timm_vit_exports_attention_and_all(
+    tmp_path: Path, image_folder: Path
+) -> None:
+    from tests.pipeline.test_finetune import config
+
+    cfg = config(
+        image_folder,
+        tmp_path / "run",
+        "backbone.name='timm/vit_tiny_patch16_224'",
+        "finetune.epochs=1",
+        "finetune.batch_size=4",
+        "finetune.layer_decay=0.75",
+        "export.parity_images=8",
+    )
+    finetune.run(cfg)
+    result = export.run(cfg)
+    assert result.kind == "finetune" and result.max_abs_diff < 1e-4
+    ops = {n.op_type for n in onnx.load(result.path).graph.node}
+    assert {"Softmax", "MatMul", "LayerNormalization"} <= ops  # attention inside
 
 
 def test_float_input_export(image_folder: Path, make_config: MakeConfig) -> None:

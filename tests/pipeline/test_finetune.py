@@ -331,3 +331,29 @@ def test_ddp_with_two_gloo_processes(tmp_path: Path) -> None:
     assert len(history) == 2
     state = torch.load(tmp_path / "run" / "finetune" / "last.pt", weights_only=True)
     assert state["epoch"] == 2
+
+
+def test_param_groups_of_a_timm_vit_decay_by_block() -> None:
+    # timm's own helper groups a ViT: embeddings, one group per block, head.
+    from features.backbones import build_backbone
+
+    net = build_backbone(
+        "timm/vit_tiny_patch16_224",
+        "random",
+        preprocessing={"input_size": 32},
+        num_classes=3,
+    ).model
+    groups = finetune.param_groups(net, lr=1.0, layer_decay=0.5, weight_decay=0.1)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+
+    def lr(param: torch.nn.Parameter) -> float:
+        return float(by_param[id(param)]["lr"])
+
+    assert lr(net.head.weight) == 1.0
+    assert lr(net.blocks[11].mlp.fc1.weight) == 0.5
+    assert lr(net.blocks[10].mlp.fc1.weight) == 0.25
+    assert lr(net.blocks[0].attn.qkv.weight) == 0.5**12
+    assert lr(net.patch_embed.proj.weight) == lr(net.cls_token) == 0.5**13
+    assert by_param[id(net.pos_embed)]["weight_decay"] == 0.0  # timm's no-decay list
+    assert by_param[id(net.blocks[0].attn.qkv.weight)]["weight_decay"] == 0.1
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))

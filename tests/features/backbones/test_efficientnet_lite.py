@@ -26,6 +26,7 @@ from features.backbones.efficientnet_lite import (
     efficientnet_lite,
     preprocessing,
     pretrained_weights_path,
+    timm_state_dict,
 )
 from features.errors import BackboneError, WeightsNotFoundError
 
@@ -248,3 +249,23 @@ def test_preprocessing_gives_crop_resize_and_normalisation(
         "std": (128 / 255,) * 3,
         "interpolation": "bilinear",
     }
+
+
+def test_timms_tf_efficientnet_lite0_is_the_same_network() -> None:
+    # The weights renamed to timm's names give timm's model the same outputs
+    # (docs/libraries.md: why quadrant keeps its own Lite0).
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ours = EfficientNetLite("lite0", image_size=64).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for module in ours.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 1.5)
+    theirs = timm.create_model("tf_efficientnet_lite0").eval()
+    theirs.load_state_dict(timm_state_dict(ours.state_dict()))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x), rtol=0, atol=1e-5)
+    with pytest.raises(BackboneError, match="is not a parameter of EfficientNet"):
+        timm_state_dict({"_blocks.99._bn0.weight": torch.ones(1)})
