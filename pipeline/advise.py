@@ -578,8 +578,7 @@ def size_reason(z: sizing.Size, margin: float) -> str:
         f"pilot fine-tune ({p.images} of {p.full} images, {100 * p.share:.0f}%): "
         f"val {p.accuracy:.3f}, {100 * p.versus.mean:+.1f} points "
         f"[{100 * p.versus.low:+.1f}, {100 * p.versus.high:+.1f}] against the "
-        f"frozen {z.layer} probe ({frozen:.3f}); forecast at the full budget "
-        f"{p.forecast:.3f}"
+        f"frozen {z.layer} probe ({frozen:.3f}); {_forecast_text(p)}"
     )
     verdict = {
         "ahead": "large: fine-tune: the pilot is ahead",
@@ -594,9 +593,18 @@ def size_reason(z: sizing.Size, margin: float) -> str:
         text += (
             f"; scratch pilot val {s.accuracy:.3f}, {100 * s.versus.mean:+.1f} "
             f"points [{100 * s.versus.low:+.1f}, {100 * s.versus.high:+.1f}] "
-            f"against pretrained, forecast {s.forecast:.3f}: {z.init}"
+            f"against pretrained, {_forecast_text(s)}: {z.init}"
         )
     return text
+
+
+def _forecast_text(p: sizing.Pilot) -> str:
+    if p.forecast_points < 2:
+        return (
+            f"no forecast ({p.forecast_points} validation point(s) after the "
+            "warm-up; the pilot's last accuracy stands)"
+        )
+    return f"forecast at the full budget {p.forecast:.3f}"
 
 
 def announce(advice: Advice) -> None:

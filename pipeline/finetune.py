@@ -160,6 +160,7 @@ class PilotRun:
         seconds: wall time.
         resumable: it ended on an epoch boundary with a checkpoint the full
             fine-tune can continue.
+        warmup: training images in the learning-rate warm-up.
     """
 
     init: str
@@ -172,6 +173,7 @@ class PilotRun:
     val_correct: tuple[bool, ...]
     seconds: float
     resumable: bool
+    warmup: int = 0
 
     @property
     def accuracy(self) -> float:
@@ -297,6 +299,7 @@ def pilot(cfg: Config, *, share: float, points: int) -> PilotRun:
         tuple(bool(c) for c in correct),
         time.perf_counter() - start,
         not budget.cut and state.epoch >= 1,
+        round(ft.warmup_epochs * per_epoch),
     )
 
 

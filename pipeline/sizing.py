@@ -19,8 +19,10 @@ unmeasured) the advisor measures:
 Fine-tune when the pilot is ahead (the interval's lower end above 0), or
 when its forecast at the full budget passes the frozen codes by more than
 `advise.top_margin`. The forecast fits a power law of the validation error
-against images processed to the second half of the pilot's curve and
-continues it to the full budget (`features.probes.power_law_forecast`).
+against images processed to the pilot's points after its warm-up and in its
+second half, and continues it to the full budget
+(`features.probes.power_law_forecast`); with fewer than two such points
+there is no forecast.
 Otherwise: the codes path, with the figures. When fine-tuning wins and the
 data is different, a second pilot from random weights (same budget) decides
 between pretrained and scratch by the same rule; pretrained stays unless
@@ -59,6 +61,8 @@ from pipeline.stamps import stamp, stamp_of
 log = logging.getLogger(__name__)
 
 FRACTIONS = (0.25, 0.5, 1.0)
+# NOTE: bump when what a pilot records changes, so old pilot.json is redone.
+PILOT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,9 @@ class Pilot:
         seconds: its wall time.
         curve: validation accuracy along the pilot (the last point is its end).
         accuracy: its validation accuracy at the end, on `versus`'s images.
-        forecast: the accuracy forecast at the full budget.
+        forecast: the accuracy forecast at the full budget (the last
+            accuracy when fewer than two points follow the warm-up).
+        forecast_points: the pilot's points the forecast rests on.
         versus: its accuracy minus the reference's (the frozen probe for the
             pretrained pilot, the pretrained pilot for the scratch one) on the
             same validation images.
@@ -103,6 +109,7 @@ class Pilot:
     curve: tuple[CurvePoint, ...]
     accuracy: float
     forecast: float
+    forecast_points: int
     versus: Interval
     reference: float
     resumable: bool
@@ -340,7 +347,10 @@ def pilot_stamp(pcfg: Config) -> str:
 
     a = pcfg.advise
     return stamp(
-        finetune.model_stamp(pcfg, load_images(pcfg)), a.pilot_share, a.pilot_points
+        PILOT_VERSION,
+        finetune.model_stamp(pcfg, load_images(pcfg)),
+        a.pilot_share,
+        a.pilot_points,
     )
 
 
@@ -381,6 +391,7 @@ def _compare(
     a = np.array([mine[p] for p in shared])
     b = np.array([reference[p] for p in shared])
     versus = paired_interval(a, b, confidence=cfg.advise.confidence)
+    forecast, used = forecast_pilot(run)
     pilot = Pilot(
         init=init,
         budget=run.budget,
@@ -391,7 +402,8 @@ def _compare(
         seconds=run.seconds,
         curve=tuple(CurvePoint(int(t), float(acc)) for t, acc in run.curve),
         accuracy=float(a.mean()),
-        forecast=forecast_pilot(run),
+        forecast=forecast,
+        forecast_points=used,
         versus=versus,
         reference=target,
         resumable=run.resumable,
@@ -416,12 +428,16 @@ def _compare(
     return pilot, mine
 
 
-def forecast_pilot(run: finetune.PilotRun) -> float:
-    """The power-law forecast at the full budget from the pilot's second half.
+def forecast_pilot(run: finetune.PilotRun) -> tuple[float, int]:
+    """The power-law forecast at the full budget, and the points it rests on.
 
-    NOTE: the first steps of a fine-tune (the warm-up, the new head finding
-    its feet) improve fastest; fitting them would forecast too much.
+    Only points after the learning-rate warm-up and in the pilot's second
+    half count: during the warm-up the rate is still rising and the new head
+    finds its feet, so the curve climbs faster than it will later. With fewer
+    than two such points there is no forecast: the last accuracy stands.
     """
-    half = [(float(t), acc) for t, acc in run.curve if t >= run.images / 2]
-    points = half if len(half) >= 2 else [(float(t), acc) for t, acc in run.curve]
-    return min(1.0, power_law_forecast(points, float(run.full)))
+    start = max(run.warmup, run.images / 2)
+    points = [(float(t), acc) for t, acc in run.curve if t >= start]
+    if len(points) < 2:
+        return run.curve[-1][1], len(points)
+    return min(1.0, power_law_forecast(points, float(run.full))), len(points)

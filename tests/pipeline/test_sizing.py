@@ -40,6 +40,7 @@ def _pilot(versus: tuple[float, float, float], forecast: float) -> sizing.Pilot:
         curve=(sizing.CurvePoint(50, 0.8), sizing.CurvePoint(100, 0.85)),
         accuracy=0.85,
         forecast=forecast,
+        forecast_points=2,
         versus=Interval(*versus, 0.95, "paired normal", 200),
         reference=0.9,
         resumable=True,
@@ -62,21 +63,18 @@ def test_pilot_wins_when_ahead_or_forecast_to_pass_by_the_margin(
     assert _pilot(versus, forecast).wins(0.01) == rule
 
 
-def test_the_forecast_uses_the_second_half_of_the_pilot() -> None:
-    # The first point (the warm-up) would make the curve look steeper.
-    run = finetune.PilotRun(
-        "pretrained",
-        400,
-        400,
-        1600,
-        1,
-        ((100, 0.2), (200, 1 - 0.8 * 200**-0.5), (400, 1 - 0.8 * 400**-0.5)),
-        (),
-        (),
-        1.0,
-        True,
+def _run(warmup: int) -> finetune.PilotRun:
+    curve = ((100, 0.2), (200, 1 - 0.8 * 200**-0.5), (400, 1 - 0.8 * 400**-0.5))
+    return finetune.PilotRun(
+        "pretrained", 400, 400, 1600, 1, curve, (), (), 1.0, True, warmup
     )
-    assert sizing.forecast_pilot(run) == pytest.approx(1 - 0.8 / 40)
+
+
+def test_the_forecast_uses_the_second_half_of_the_pilot_after_its_warm_up() -> None:
+    # The first point would make the curve look steeper.
+    assert sizing.forecast_pilot(_run(0)) == (pytest.approx(1 - 0.8 / 40), 2)
+    # A pilot that ends inside its warm-up forecasts nothing: its last value.
+    assert sizing.forecast_pilot(_run(400)) == (pytest.approx(1 - 0.8 / 20), 1)
 
 
 def test_below_the_floor_nothing_is_measured(
