@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -224,7 +225,7 @@ def finetune_settings(per_class: int) -> list[str]:
     """The fine-tune recipe of strategies 3 and 4, and of `quadrant run`'s."""
     return [
         f"finetune.epochs={epochs_for(per_class)}",
-        f"finetune.batch_size={32 if per_class <= 100 else 128}",
+        f"finetune.batch_size={32 if per_class <= 100 else 64}",
         "finetune.warmup_epochs=1.0",
         "finetune.num_workers=1",
     ]
@@ -315,6 +316,7 @@ def run_auto(cfg: Config) -> dict[str, Any]:
                     "accuracy": p.accuracy,
                     "versus": [p.versus.mean, p.versus.low, p.versus.high],
                     "forecast": p.forecast,
+                    "forecast_points": p.forecast_points,
                     "reference": p.reference,
                 }
                 for p in (size.pilot, size.scratch)
@@ -347,17 +349,21 @@ def cell(
     """Every strategy and `quadrant run` in one cell and seed; cached in cell.json."""
     folder = work / "runs" / backbone["key"] / f"{target}-{size}-s{seed}"
     saved = folder / "cell.json"
-    if saved.exists():
-        return dict(json.loads(saved.read_text()))
-    results: dict[str, Any] = {
-        "target": target,
-        "size": size,
-        "per_class": per_class,
-        "backbone": backbone["key"],
-        "seed": seed,
-        "accuracy": {},
-        "seconds": {},
-    }
+    # NOTE: a cell is saved after each part, so an interrupted run (or a
+    # change to the advisor only) redoes only what is missing.
+    results: dict[str, Any] = (
+        dict(json.loads(saved.read_text()))
+        if saved.exists()
+        else {
+            "target": target,
+            "size": size,
+            "per_class": per_class,
+            "backbone": backbone["key"],
+            "seed": seed,
+            "accuracy": {},
+            "seconds": {},
+        }
+    )
     extra = [
         f"run.seed={seed}",
         f"data.seed={seed}",
@@ -367,20 +373,30 @@ def cell(
     # running both would); `quadrant run` has its own folder and cache.
     shared = f"extract.cache_dir='{folder / 'codes-cache'}'"
     for strategy in STRATEGIES:
+        if str(strategy) in results["accuracy"]:
+            continue
         cfg = base_config(data, folder / f"s{strategy}", backbone, *extra, shared)
         start = time.perf_counter()
         accuracy = (
             run_codes(cfg, strategy) if strategy <= 2 else run_finetune(cfg, strategy)
         )
-        results["accuracy"][strategy] = accuracy
-        results["seconds"][strategy] = time.perf_counter() - start
-        _say(backbone, target, size, seed, f"strategy {strategy}", accuracy, results)
-    auto = base_config(data, folder / "auto", backbone, *extra)
-    results["auto"] = run_auto(auto)
-    _say(backbone, target, size, seed, "quadrant run", results["auto"]["accuracy"])
+        results["accuracy"][str(strategy)] = accuracy
+        results["seconds"][str(strategy)] = time.perf_counter() - start
+        _save_cell(saved, results)
+        _say(backbone, target, size, seed, f"strategy {strategy}", accuracy)
+    if "auto" not in results:
+        # A fresh folder: the cost is that of a first run, advice included.
+        shutil.rmtree(folder / "auto", ignore_errors=True)
+        auto = base_config(data, folder / "auto", backbone, *extra)
+        results["auto"] = run_auto(auto)
+        _save_cell(saved, results)
+        _say(backbone, target, size, seed, "quadrant run", results["auto"]["accuracy"])
+    return results
+
+
+def _save_cell(saved: Path, results: dict[str, Any]) -> None:
     saved.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(results, indent=2))
-    return results
 
 
 def _say(
@@ -390,7 +406,6 @@ def _say(
     seed: int,
     what: str,
     accuracy: float,
-    results: dict[str, Any] | None = None,
 ) -> None:
     print(
         f"  {backbone['key']} {target}-{size} seed {seed} {what}: {accuracy:.4f}",
@@ -540,6 +555,13 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=500)
     parser.add_argument("--test", type=int, default=300, help="test images per class")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--lite-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds for the ImageNet backbone (default: --seeds); it costs most",
+    )
     parser.add_argument("--source-epochs", type=int, default=5)
     parser.add_argument("--backbones", nargs="+", default=["source", "imagenet"])
     parser.add_argument("--lite-size", type=int, default=64)
@@ -547,7 +569,10 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     cells = []
     for backbone, sizes in backbones(args):
-        for seed in args.seeds:
+        seeds = args.seeds
+        if backbone["name"] != "resnet18" and args.lite_seeds is not None:
+            seeds = args.lite_seeds
+        for seed in seeds:
             for size, per_class in sizes:
                 for target, data in targets(args, per_class, seed).items():
                     cells.append(
