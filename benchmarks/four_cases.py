@@ -316,6 +316,7 @@ def run_auto(cfg: Config) -> dict[str, Any]:
                     "accuracy": p.accuracy,
                     "versus": [p.versus.mean, p.versus.low, p.versus.high],
                     "forecast": p.forecast,
+                    "forecast_interval": [p.forecast_low, p.forecast_high],
                     "forecast_points": p.forecast_points,
                     "reference": p.reference,
                 }

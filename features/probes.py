@@ -374,6 +374,49 @@ def power_law_forecast(
     return float(1.0 - err[-1] * (target / t[-1]) ** -alpha)
 
 
+def forecast_interval(
+    points: Sequence[tuple[float, float]],
+    target: float,
+    *,
+    images: int,
+    confidence: float,
+    draws: int = 2000,
+    seed: int = 0,
+    floor: float = 1e-3,
+) -> Interval:
+    """`power_law_forecast` with an interval from the points' sampling noise.
+
+    Each accuracy was measured on `images` validation images, so it carries
+    binomial noise; a parametric bootstrap redraws every point from
+    Binomial(images, accuracy) / images, refits the power law and forecasts
+    again. The interval holds the central `confidence` of the redrawn
+    forecasts; its mean is the forecast of the measured points.
+
+    Raises:
+        ValueError: no points, or `images` < 1.
+    """
+    if images < 1:
+        raise ValueError(f"the points need at least one validation image, got {images}")
+    mean = power_law_forecast(points, target, floor=floor)
+    rng = np.random.default_rng(seed)
+    acc = np.array([p[1] for p in points], dtype=np.float64)
+    redrawn = rng.binomial(images, np.clip(acc, 0, 1), size=(draws, len(acc))) / images
+    t = [p[0] for p in points]
+    forecasts = np.array(
+        [power_law_forecast(list(zip(t, row, strict=True)), target) for row in redrawn]
+    )
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(forecasts, [tail, 1 - tail])
+    return Interval(
+        mean,
+        float(min(low, mean)),
+        float(max(high, mean)),
+        confidence,
+        "power law, parametric bootstrap",
+        images,
+    )
+
+
 # ---------------------------------------------------------------------------
 # Similarity to the backbone's original data, without any training
 

@@ -582,10 +582,10 @@ def size_reason(z: sizing.Size, margin: float) -> str:
     )
     verdict = {
         "ahead": "large: fine-tune: the pilot is ahead",
-        "forecast": f"large: fine-tune: the forecast passes the frozen codes by "
-        f"{100 * (p.forecast - frozen):.1f} > {100 * margin:.1f} points",
-        "codes": f"codes path: the pilot is not ahead and its forecast does not "
-        f"pass the frozen codes by more than {100 * margin:.1f} points",
+        "forecast": f"large: fine-tune: the forecast's lower end passes the frozen "
+        f"codes by {100 * (p.forecast_low - frozen):.1f} > {100 * margin:.1f} points",
+        "codes": f"codes path: the pilot is not ahead and its forecast's lower end "
+        f"does not pass the frozen codes by more than {100 * margin:.1f} points",
     }[z.rule]
     text = f"size: {verdict}: {head}; {figures}"
     if z.scratch is not None:
@@ -604,7 +604,10 @@ def _forecast_text(p: sizing.Pilot) -> str:
             f"no forecast ({p.forecast_points} validation point(s) after the "
             "warm-up; the pilot's last accuracy stands)"
         )
-    return f"forecast at the full budget {p.forecast:.3f}"
+    return (
+        f"forecast at the full budget {p.forecast:.3f} [{p.forecast_low:.3f}, "
+        f"{p.forecast_high:.3f}]"
+    )
 
 
 def announce(advice: Advice) -> None:

@@ -17,11 +17,12 @@ unmeasured) the advisor measures:
   interval).
 
 Fine-tune when the pilot is ahead (the interval's lower end above 0), or
-when its forecast at the full budget passes the frozen codes by more than
-`advise.top_margin`. The forecast fits a power law of the validation error
-against images processed to the pilot's points after its warm-up and in its
-second half, and continues it to the full budget
-(`features.probes.power_law_forecast`); with fewer than two such points
+when the lower end of its forecast's interval at the full budget passes the
+frozen codes by more than `advise.top_margin`. The forecast fits a power law
+of the validation error against images processed to the pilot's points
+after its warm-up and in its second half, and continues it to the full
+budget; its interval comes from the points' binomial noise
+(`features.probes.forecast_interval`). With fewer than two such points
 there is no forecast.
 Otherwise: the codes path, with the figures. When fine-tuning wins and the
 data is different, a second pilot from random weights (same budget) decides
@@ -50,9 +51,9 @@ from features.data import ImageSet
 from features.errors import DataError
 from features.probes import (
     Interval,
+    forecast_interval,
     holdout_probe,
     paired_interval,
-    power_law_forecast,
 )
 from pipeline import finetune
 from pipeline.config import Config
@@ -88,6 +89,8 @@ class Pilot:
         accuracy: its validation accuracy at the end, on `versus`'s images.
         forecast: the accuracy forecast at the full budget (the last
             accuracy when fewer than two points follow the warm-up).
+        forecast_low, forecast_high: its interval (at advise.confidence) from
+            the validation points' sampling noise.
         forecast_points: the pilot's points the forecast rests on.
         versus: its accuracy minus the reference's (the frozen probe for the
             pretrained pilot, the pretrained pilot for the scratch one) on the
@@ -109,6 +112,8 @@ class Pilot:
     curve: tuple[CurvePoint, ...]
     accuracy: float
     forecast: float
+    forecast_low: float
+    forecast_high: float
     forecast_points: int
     versus: Interval
     reference: float
@@ -116,10 +121,15 @@ class Pilot:
     folder: str
 
     def wins(self, margin: float) -> str | None:
-        """Why it beats its reference ("ahead", "forecast"), or None."""
+        """Why it beats its reference ("ahead", "forecast"), or None.
+
+        Ahead: the paired interval against the reference is above 0.
+        Forecast: the lower end of the forecast's interval passes the
+        reference by more than the margin.
+        """
         if self.versus.low > 0:
             return "ahead"
-        if self.forecast - self.reference > margin:
+        if self.forecast_low - self.reference > margin:
             return "forecast"
         return None
 
@@ -204,6 +214,12 @@ def measure(
             rule="floor",
         )
     _check_validation(images)
+    log.info(
+        "advise: median %.0f training images per class >= advise.small_per_class "
+        "= %d: measuring the frozen learning curve and a pilot fine-tune",
+        median,
+        cfg.advise.small_per_class,
+    )
     curve, gain, frozen = frozen_curve(cfg, cache, code)
     pretrained, mine = _compare(cfg, "pretrained", frozen, curve[-1].accuracy)
     rule = pretrained.wins(cfg.advise.top_margin) or "codes"
@@ -391,7 +407,7 @@ def _compare(
     a = np.array([mine[p] for p in shared])
     b = np.array([reference[p] for p in shared])
     versus = paired_interval(a, b, confidence=cfg.advise.confidence)
-    forecast, used = forecast_pilot(run)
+    forecast, used = forecast_pilot(run, cfg.advise.confidence)
     pilot = Pilot(
         init=init,
         budget=run.budget,
@@ -402,7 +418,9 @@ def _compare(
         seconds=run.seconds,
         curve=tuple(CurvePoint(int(t), float(acc)) for t, acc in run.curve),
         accuracy=float(a.mean()),
-        forecast=forecast,
+        forecast=forecast.mean,
+        forecast_low=forecast.low,
+        forecast_high=forecast.high,
         forecast_points=used,
         versus=versus,
         reference=target,
@@ -412,7 +430,7 @@ def _compare(
     log.info(
         "advise: pilot (%s init) %d of %d images (%.0f%%) in %.0f s: val accuracy "
         "%.4f, %+.1f points [%+.1f, %+.1f] against its reference; forecast at the "
-        "full budget %.4f against %.4f",
+        "full budget %.4f [%.4f, %.4f] against %.4f",
         init,
         pilot.images,
         pilot.full,
@@ -423,21 +441,40 @@ def _compare(
         100 * versus.low,
         100 * versus.high,
         pilot.forecast,
+        pilot.forecast_low,
+        pilot.forecast_high,
         target,
     )
     return pilot, mine
 
 
-def forecast_pilot(run: finetune.PilotRun) -> tuple[float, int]:
-    """The power-law forecast at the full budget, and the points it rests on.
+def forecast_pilot(run: finetune.PilotRun, confidence: float) -> tuple[Interval, int]:
+    """The forecast at the full budget with its interval, and its points.
 
     Only points after the learning-rate warm-up and in the pilot's second
     half count: during the warm-up the rate is still rising and the new head
     finds its feet, so the curve climbs faster than it will later. With fewer
     than two such points there is no forecast: the last accuracy stands.
+    The interval comes from the validation points' binomial noise
+    (`features.probes.forecast_interval`).
     """
     start = max(run.warmup, run.images / 2)
     points = [(float(t), acc) for t, acc in run.curve if t >= start]
     if len(points) < 2:
-        return run.curve[-1][1], len(points)
-    return min(1.0, power_law_forecast(points, float(run.full))), len(points)
+        last = run.curve[-1][1]
+        return Interval(last, last, last, confidence, "no forecast", 0), len(points)
+    forecast = forecast_interval(
+        points,
+        float(run.full),
+        images=max(1, len(run.val_correct)),
+        confidence=confidence,
+    )
+    capped = Interval(
+        min(1.0, forecast.mean),
+        min(1.0, forecast.low),
+        min(1.0, forecast.high),
+        forecast.confidence,
+        forecast.method,
+        forecast.n,
+    )
+    return capped, len(points)

@@ -11,6 +11,7 @@ from features.probes import (
     corrected_interval,
     cv_splits,
     fold_accuracies,
+    forecast_interval,
     holdout_probe,
     linear_probe,
     logme,
@@ -175,3 +176,15 @@ def test_power_law_forecast_continues_a_power_law() -> None:
     assert power_law_forecast([(5, 0.4)], 10) == 0.4
     with pytest.raises(ValueError, match="at least one"):
         power_law_forecast([], 10)
+
+
+def test_forecast_interval_is_seeded_and_narrows_with_more_images() -> None:
+    points = [(t, 1 - 0.8 * t**-0.5) for t in (200.0, 400.0)]
+    small = forecast_interval(points, 1600, images=100, confidence=0.9)
+    again = forecast_interval(points, 1600, images=100, confidence=0.9)
+    large = forecast_interval(points, 1600, images=10_000, confidence=0.9)
+    assert small == again and small.mean == pytest.approx(0.98)
+    assert small.low < large.low <= 0.98 <= large.high < small.high
+    assert large.high - large.low < 0.02 and small.method.startswith("power law")
+    with pytest.raises(ValueError, match="at least one validation image"):
+        forecast_interval(points, 1600, images=0, confidence=0.9)

@@ -40,6 +40,8 @@ def _pilot(versus: tuple[float, float, float], forecast: float) -> sizing.Pilot:
         curve=(sizing.CurvePoint(50, 0.8), sizing.CurvePoint(100, 0.85)),
         accuracy=0.85,
         forecast=forecast,
+        forecast_low=forecast - 0.005,
+        forecast_high=forecast + 0.005,
         forecast_points=2,
         versus=Interval(*versus, 0.95, "paired normal", 200),
         reference=0.9,
@@ -52,8 +54,8 @@ def _pilot(versus: tuple[float, float, float], forecast: float) -> sizing.Pilot:
     "versus, forecast, rule",
     [
         ((0.03, 0.01, 0.05), 0.85, "ahead"),  # the interval is above 0
-        ((-0.05, -0.08, -0.02), 0.92, "forecast"),  # behind, but passes by 2 > 1
-        ((-0.05, -0.08, -0.02), 0.905, None),  # passes by 0.5 point only
+        ((-0.05, -0.08, -0.02), 0.92, "forecast"),  # low end passes by 1.5 > 1
+        ((-0.05, -0.08, -0.02), 0.912, None),  # the low end passes by 0.7 only
         ((0.01, -0.01, 0.03), 0.90, None),  # a tie now, no gain ahead
     ],
 )
@@ -63,18 +65,25 @@ def test_pilot_wins_when_ahead_or_forecast_to_pass_by_the_margin(
     assert _pilot(versus, forecast).wins(0.01) == rule
 
 
-def _run(warmup: int) -> finetune.PilotRun:
+def _run(warmup: int, val: int = 1000) -> finetune.PilotRun:
     curve = ((100, 0.2), (200, 1 - 0.8 * 200**-0.5), (400, 1 - 0.8 * 400**-0.5))
+    paths, correct = tuple(map(str, range(val))), (True,) * val
     return finetune.PilotRun(
-        "pretrained", 400, 400, 1600, 1, curve, (), (), 1.0, True, warmup
+        "pretrained", 400, 400, 1600, 1, curve, paths, correct, 1.0, True, warmup
     )
 
 
 def test_the_forecast_uses_the_second_half_of_the_pilot_after_its_warm_up() -> None:
     # The first point would make the curve look steeper.
-    assert sizing.forecast_pilot(_run(0)) == (pytest.approx(1 - 0.8 / 40), 2)
+    forecast, points = sizing.forecast_pilot(_run(0), 0.95)
+    assert points == 2 and forecast.mean == pytest.approx(1 - 0.8 / 40)
+    assert forecast.low < forecast.mean < forecast.high
+    # Fewer validation images, noisier points: a wider interval.
+    noisy, _ = sizing.forecast_pilot(_run(0, val=100), 0.95)
+    assert noisy.high - noisy.low > forecast.high - forecast.low
     # A pilot that ends inside its warm-up forecasts nothing: its last value.
-    assert sizing.forecast_pilot(_run(400)) == (pytest.approx(1 - 0.8 / 20), 1)
+    none, points = sizing.forecast_pilot(_run(400), 0.95)
+    assert points == 1 and none.low == none.mean == none.high == 1 - 0.8 / 20
 
 
 def test_below_the_floor_nothing_is_measured(
