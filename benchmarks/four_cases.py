@@ -569,11 +569,12 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     cells = []
-    for backbone, sizes in backbones(args):
-        seeds = args.seeds
-        if backbone["name"] != "resnet18" and args.lite_seeds is not None:
-            seeds = args.lite_seeds
-        for seed in seeds:
+    # NOTE: seed by seed, so a run cut short has every cell at its first seeds.
+    for seed in args.seeds:
+        for backbone, sizes in backbones(args):
+            lite = backbone["name"] != "resnet18"
+            if lite and args.lite_seeds is not None and seed not in args.lite_seeds:
+                continue
             for size, per_class in sizes:
                 for target, data in targets(args, per_class, seed).items():
                     cells.append(
