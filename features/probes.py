@@ -8,21 +8,33 @@
   over classes. No classifier is trained, so it costs one SVD per layer.
 - `linear_probe`: cross-validated accuracy of a standardised logistic
   regression: the direct, slower measure.
+- `cv_splits` + `fold_accuracies`: the same probe on repeated stratified
+  folds, shared between layers so their scores are paired;
+  `corrected_interval` turns paired fold differences into a confidence
+  interval (Nadeau and Bengio, 2003); `paired_interval` does the same for
+  per-image differences on one validation split; `holdout_probe` fits on one
+  split and scores another; `power_law_forecast` extrapolates a learning
+  curve.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from scipy import stats
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.model_selection import (
+    RepeatedStratifiedKFold,
+    StratifiedKFold,
+    cross_val_score,
+)
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -55,6 +67,10 @@ def logme(
     f = np.asarray(codes, dtype=np.float64)
     n, d = f.shape
     u, s, _ = np.linalg.svd(f, full_matrices=False)
+    # NOTE: directions without energy (constant or all-zero codes, as a dead
+    # layer gives) carry no evidence and would divide by zero below.
+    keep = s > (s.max() * 1e-10 if s.size and s.max() > 0 else np.inf)
+    u, s = u[:, keep], s[keep]
     sigma = s**2  # eigenvalues of F^T F (the non-zero ones)
     scores = []
     for label in np.unique(labels):
@@ -106,7 +122,8 @@ class _Spectrum:
         alpha, beta = 1.0, 1.0
         for _ in range(max_iter):
             gamma, m2, res2 = self.fit(alpha, beta)
-            new_alpha = gamma / (m2 + 1e-12)
+            # With no usable direction alpha has nothing to fit: keep it.
+            new_alpha = gamma / (m2 + 1e-12) if gamma > 0 else alpha
             new_beta = max(self.n - gamma, 1e-12) / (res2 + 1e-12)
             done = abs(new_alpha / new_beta - alpha / beta) <= tol * alpha / beta
             alpha, beta = new_alpha, new_beta
@@ -168,6 +185,236 @@ def _usable_folds(labels: npt.NDArray[np.integer[Any]], folds: int) -> int:
             "cross-validation needs at least two per class"
         )
     return int(min(folds, counts.min()))
+
+
+# ---------------------------------------------------------------------------
+# Paired comparisons with their uncertainty
+
+Split = tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean difference with a two-sided confidence interval.
+
+    Attributes:
+        mean: the estimate.
+        low, high: the interval's ends.
+        confidence: its level (0.95 for 95%).
+        method: how it was computed, in words.
+        n: how many paired values it rests on (folds x repeats, or images).
+    """
+
+    mean: float
+    low: float
+    high: float
+    confidence: float
+    method: str
+    n: int
+
+    def covers(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+def cv_splits(
+    labels: npt.NDArray[np.integer[Any]], *, folds: int, repeats: int, seed: int
+) -> list[Split]:
+    """Repeated stratified k-fold (train, test) index pairs, seeded.
+
+    Every layer is scored on these same splits, so its fold scores pair with
+    every other layer's.
+
+    Raises:
+        DataError: fewer than two classes, or a class with one example.
+    """
+    folds = _usable_folds(labels, folds)
+    cv = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
+    return list(cv.split(np.zeros((len(labels), 1)), labels))
+
+
+def fold_accuracies(
+    codes: FloatArray,
+    labels: npt.NDArray[np.integer[Any]],
+    splits: list[Split],
+    *,
+    C: float = 1.0,
+    n_jobs: int = -1,
+    max_iter: int = 2000,
+) -> npt.NDArray[np.float64]:
+    """Accuracy of standardise + logistic regression on each given split."""
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
+    scores = cross_val_score(model, codes, labels, cv=splits, n_jobs=n_jobs)
+    return np.asarray(scores, dtype=np.float64)
+
+
+def split_ratio(splits: list[Split]) -> float:
+    """Mean test-set size over mean training-set size (1/(k-1) for k folds)."""
+    test = float(np.mean([len(te) for _, te in splits]))
+    train = float(np.mean([len(tr) for tr, _ in splits]))
+    return test / train
+
+
+def corrected_interval(
+    differences: npt.ArrayLike, *, test_train_ratio: float, confidence: float
+) -> Interval:
+    """Corrected resampled t interval for a paired difference of CV scores.
+
+    Nadeau and Bengio (2003), "Inference for the Generalization Error": the J
+    fold differences of two models scored on the same resampled splits are
+    correlated (their training sets overlap), so the plain variance of their
+    mean, s^2 / J, is too small. Their correction uses
+    (1 / J + n_test / n_train) * s^2 instead, with a t distribution of J - 1
+    degrees of freedom; for repeated k-fold CV it is the corrected repeated
+    k-fold t test of Bouckaert and Frank (2004).
+
+    Args:
+        differences: one paired difference per split (model A - model B).
+        test_train_ratio: mean test size over mean training size of the splits.
+        confidence: the interval's level, e.g. 0.95.
+
+    Raises:
+        ValueError: fewer than two differences.
+    """
+    d = np.asarray(differences, dtype=np.float64)
+    if d.size < 2:
+        raise ValueError(f"a t interval needs at least two differences, got {d.size}")
+    mean = float(d.mean())
+    se = math.sqrt((1.0 / d.size + test_train_ratio) * float(d.var(ddof=1)))
+    half = float(stats.t.ppf(0.5 + confidence / 2, d.size - 1)) * se
+    return Interval(
+        mean,
+        mean - half,
+        mean + half,
+        confidence,
+        "corrected resampled t (Nadeau & Bengio 2003)",
+        int(d.size),
+    )
+
+
+def paired_interval(
+    a_correct: npt.ArrayLike, b_correct: npt.ArrayLike, *, confidence: float
+) -> Interval:
+    """Interval for accuracy(A) - accuracy(B) of two models on the same images.
+
+    The per-image differences (1, 0 or -1) are independent across images, so
+    their mean is approximately normal: mean +- z * s / sqrt(n).
+
+    Raises:
+        ValueError: the two arrays differ in length or are empty.
+    """
+    a = np.asarray(a_correct, dtype=np.float64)
+    b = np.asarray(b_correct, dtype=np.float64)
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(
+            f"paired correctness needs two equal, non-empty arrays, got {a.shape} "
+            f"and {b.shape}"
+        )
+    d = a - b
+    mean = float(d.mean())
+    spread = float(d.std(ddof=1)) if d.size > 1 else 0.0
+    half = float(stats.norm.ppf(0.5 + confidence / 2)) * spread / math.sqrt(d.size)
+    return Interval(
+        mean, mean - half, mean + half, confidence, "paired normal", int(d.size)
+    )
+
+
+def holdout_probe(
+    train_X: FloatArray,
+    train_y: npt.NDArray[np.integer[Any]],
+    test_X: FloatArray,
+    test_y: npt.NDArray[np.integer[Any]],
+    *,
+    C: float = 1.0,
+    max_iter: int = 2000,
+) -> npt.NDArray[np.bool_]:
+    """Fit standardise + logistic regression on one split; correct per test row.
+
+    Raises:
+        DataError: fewer than two classes in the training rows.
+    """
+    if len(np.unique(train_y)) < 2:
+        raise DataError(
+            f"only one class ({np.unique(train_y).tolist()}) in the training codes; "
+            "a classifier needs at least two"
+        )
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
+    model.fit(train_X, train_y)
+    return np.asarray(model.predict(test_X) == test_y)
+
+
+def power_law_forecast(
+    points: Sequence[tuple[float, float]], target: float, *, floor: float = 1e-3
+) -> float:
+    """Accuracy at `target` from a power law fitted to (cost, accuracy) points.
+
+    The error is modelled as err(t) = c * t^-alpha (the learning-curve shape
+    of Hestness et al., 2017): alpha is the least-squares slope of log error
+    against log t over the points, and the forecast continues from the last
+    point: 1 - err_last * (target / t_last)^-alpha. A curve that does not
+    improve (alpha <= 0) forecasts the last accuracy.
+
+    Args:
+        points: (cost, accuracy) pairs in increasing cost, at least one.
+        target: the cost to forecast at (>= the last point's).
+        floor: the smallest error the fit takes (keeps log finite at 100%).
+
+    Raises:
+        ValueError: no points.
+    """
+    if not points:
+        raise ValueError("a forecast needs at least one (cost, accuracy) point")
+    t = np.array([p[0] for p in points], dtype=np.float64)
+    err = np.clip(1.0 - np.array([p[1] for p in points], dtype=np.float64), floor, 1)
+    if len(points) < 2 or np.ptp(np.log(t)) == 0:
+        return float(points[-1][1])
+    slope = float(np.polyfit(np.log(t), np.log(err), 1)[0])
+    alpha = -slope
+    if alpha <= 0:
+        return float(points[-1][1])
+    return float(1.0 - err[-1] * (target / t[-1]) ** -alpha)
+
+
+def forecast_interval(
+    points: Sequence[tuple[float, float]],
+    target: float,
+    *,
+    images: int,
+    confidence: float,
+    draws: int = 2000,
+    seed: int = 0,
+    floor: float = 1e-3,
+) -> Interval:
+    """`power_law_forecast` with an interval from the points' sampling noise.
+
+    Each accuracy was measured on `images` validation images, so it carries
+    binomial noise; a parametric bootstrap redraws every point from
+    Binomial(images, accuracy) / images, refits the power law and forecasts
+    again. The interval holds the central `confidence` of the redrawn
+    forecasts; its mean is the forecast of the measured points.
+
+    Raises:
+        ValueError: no points, or `images` < 1.
+    """
+    if images < 1:
+        raise ValueError(f"the points need at least one validation image, got {images}")
+    mean = power_law_forecast(points, target, floor=floor)
+    rng = np.random.default_rng(seed)
+    acc = np.array([p[1] for p in points], dtype=np.float64)
+    redrawn = rng.binomial(images, np.clip(acc, 0, 1), size=(draws, len(acc))) / images
+    t = [p[0] for p in points]
+    forecasts = np.array(
+        [power_law_forecast(list(zip(t, row, strict=True)), target) for row in redrawn]
+    )
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(forecasts, [tail, 1 - tail])
+    return Interval(
+        mean,
+        float(min(low, mean)),
+        float(max(high, mean)),
+        confidence,
+        "power law, parametric bootstrap",
+        images,
+    )
 
 
 # ---------------------------------------------------------------------------

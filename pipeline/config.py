@@ -49,6 +49,11 @@ SCORINGS = ("accuracy", "balanced_accuracy", "f1_macro")
 OPTIMIZERS = ("adamw", "sgd")
 AUGMENTS = ("standard", "trivialaugment", "none")
 MONITORS = ("accuracy", "balanced_accuracy", "loss")
+# Keys earlier versions accepted, with what replaces them.
+RETIRED = {
+    ("advise", "large_per_class"): "the advisor measures size with a pilot "
+    "fine-tune above advise.small_per_class (docs/advisor.md)",
+}
 
 
 def _check_choice(section: str, key: str, value: str, choices: Iterable[str]) -> None:
@@ -479,26 +484,55 @@ class ExportConfig:
 class AdviseConfig:
     """How the advisor measures size and similarity (docs/advisor.md).
 
-    The data is "large" when the median number of training images per class
-    reaches `large_per_class`. It is "similar" to the backbone's original
-    data when no earlier layer's linear probe beats the top layer's by more
-    than `top_margin` (accuracy, 0..1), measured on at most `sample`
-    training images at `depths` depths.
+    Similarity: every probed layer is scored by a linear probe on the same
+    `cv_repeats` x `cv_folds` stratified folds of at most `sample` training
+    images, at `depths` depths besides top; the data is "different" when the
+    lower end of the `confidence` interval of the best earlier layer's gain
+    over top clears `top_margin` (accuracy, 0..1), "similar" when its upper
+    end does not reach it, and "undecided" otherwise.
+
+    Size: below a median of `small_per_class` training images per class the
+    data is small; above it, a pilot fine-tune of `pilot_share` of the full
+    fine-tune's cost (images processed), validated at `pilot_points` even
+    steps, is set against the frozen codes on the validation split.
     """
 
-    large_per_class: int = 500
     top_margin: float = 0.01
     sample: int = 2000
     depths: int = 5
     statistics_images: int = 256
+    small_per_class: int = 100
+    cv_folds: int = 5
+    cv_repeats: int = 3
+    confidence: float = 0.95
+    pilot_share: float = 0.25
+    pilot_points: int = 4
 
     def __post_init__(self) -> None:
-        for key in ("large_per_class", "sample", "depths", "statistics_images"):
+        for key in ("sample", "depths", "statistics_images", "cv_repeats"):
             if getattr(self, key) < 1:
                 raise ConfigError(
                     f"[advise] {key} must be >= 1, got {getattr(self, key)}"
                 )
+        for key in ("cv_folds", "pilot_points"):
+            if getattr(self, key) < 2:
+                raise ConfigError(
+                    f"[advise] {key} must be >= 2, got {getattr(self, key)}"
+                )
+        if self.small_per_class < 0:
+            raise ConfigError(
+                f"[advise] small_per_class must be >= 0, got {self.small_per_class}"
+            )
         _check_fraction("advise", "top_margin", self.top_margin)
+        if not 0.5 <= self.confidence < 1:
+            raise ConfigError(
+                f"[advise] confidence must be in [0.5, 1), got {self.confidence}"
+            )
+        if not 0 < self.pilot_share <= 1:
+            raise ConfigError(
+                f"[advise] pilot_share must be in (0, 1] (a share of the full "
+                f"fine-tune's cost), got {self.pilot_share}"
+            )
 
 
 @dataclass(frozen=True)
@@ -690,8 +724,13 @@ def _build(
     valid = [f.name for f in fields(cls)]  # type: ignore[arg-type]
     unknown = set(table) - set(valid)
     if unknown:
+        retired = "".join(
+            f"; {key} is retired: {RETIRED[(section, key)]}"
+            for key in sorted(unknown)
+            if (section, key) in RETIRED
+        )
         raise ConfigError(
-            f"[{section}] unknown key(s) {sorted(unknown)}; valid: {valid}"
+            f"[{section}] unknown key(s) {sorted(unknown)}; valid: {valid}{retired}"
         )
     hints = typing.get_type_hints(cls)
     values = {

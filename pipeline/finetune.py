@@ -12,6 +12,12 @@ so far) and the metrics per epoch (`finetune.json`, `finetune.csv`,
 `training_curves.png`, to watch a long run). When training ends, the model
 is published as one folder, `<run.out>/models/finetune/`: the record
 (`model.json`), the best weights (`model.pt`) and the metrics.
+
+`pilot` runs the same training under a `Budget` of training images: the
+first part of the full fine-tune (same schedule, same seed), validated at
+even steps, stopped when the budget is spent. The advisor sets it against
+the frozen codes; its checkpoint, when it ends on an epoch boundary, is where
+the full fine-tune continues.
 """
 
 from __future__ import annotations
@@ -98,6 +104,83 @@ class FinetuneResult:
     effective_batch: int
 
 
+@dataclass
+class Budget:
+    """A pilot's allowance of training images, and its validation curve so far.
+
+    Attributes:
+        images: training images (forward + backward) it may process at most.
+        points: validation points spread evenly over `images`.
+        used: training images processed so far.
+        curve: (images processed, validation accuracy) at each point reached.
+        cut: training stopped part-way through an epoch.
+        passed: intermediate validation points passed so far.
+    """
+
+    images: int
+    points: int
+    used: int = 0
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    cut: bool = False
+    passed: int = 0
+
+    def fits(self, batch: int) -> bool:
+        """Whether a batch of `batch` images stays within the budget."""
+        return self.used + batch <= self.images
+
+    def next_point(self) -> bool:
+        """Whether an intermediate validation point was just passed.
+
+        Points lie at images x k / points for k < points (the end is the
+        last point, recorded by the caller); a batch that passes several
+        records one.
+        """
+        if self.used >= self.images:
+            return False
+        reached = min(self.points - 1, self.used * self.points // self.images)
+        if reached > self.passed:
+            self.passed = reached
+            return True
+        return False
+
+
+@dataclass(frozen=True)
+class PilotRun:
+    """What a budgeted pilot fine-tune did and how it scored on validation.
+
+    Attributes:
+        init: "pretrained" or "scratch".
+        budget: the training images it was allowed.
+        images: the training images it processed (<= budget).
+        full: the training images the full fine-tune processes.
+        epochs: whole epochs completed (its checkpoint holds the last one).
+        curve: (images processed, validation accuracy) along the way; the last
+            point is the end of the pilot.
+        val_paths: the validation images scored at the end (relative paths).
+        val_correct: whether the pilot got each of them right.
+        seconds: wall time.
+        resumable: it ended on an epoch boundary with a checkpoint the full
+            fine-tune can continue.
+        warmup: training images in the learning-rate warm-up.
+    """
+
+    init: str
+    budget: int
+    images: int
+    full: int
+    epochs: int
+    curve: tuple[tuple[int, float], ...]
+    val_paths: tuple[str, ...]
+    val_correct: tuple[bool, ...]
+    seconds: float
+    resumable: bool
+    warmup: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        return self.curve[-1][1]
+
+
 # ---------------------------------------------------------------------------
 # The stage
 
@@ -154,6 +237,84 @@ def run(cfg: Config, *, resume: bool = False, restart: bool = False) -> Finetune
         time.perf_counter() - start,
         state.effective_batch,
     )
+
+
+def pilot(cfg: Config, *, share: float, points: int) -> PilotRun:
+    """The first `share` of the full fine-tune, validated at `points` even steps.
+
+    The pilot is the full fine-tune's own beginning: the same settings,
+    schedule (warm-up and cosine over all `finetune.epochs`) and seed, in
+    `<run.out>/finetune/` of the config it is given, which it starts afresh.
+    Its budget is `share` of the full run's training images, in whole epochs
+    when that is at least one epoch (so its checkpoint can be continued),
+    else in batches. One process, whatever torchrun says.
+
+    Raises:
+        DataError: as `run`.
+    """
+    start = time.perf_counter()
+    world = Dist()
+    device = _device(cfg.finetune, world)
+    images = load_images(cfg)
+    settings = model_stamp(cfg, images)
+    cfg = _fitting_batch(cfg, images, world)
+    model, prep, identity = build_model(cfg, len(images.label_names), device)
+    state = _Training.create(cfg, model, device, images, prep, world)
+    state.restore(cfg.layout.checkpoint, identity, resume=False, restart=True)
+    write_json(cfg.layout.finetune_stamp, {"stamp": settings})
+    ft = cfg.finetune
+    per_epoch = len(state.train_loader) * ft.batch_size
+    budget = Budget(pilot_budget(share, ft.epochs, per_epoch, ft.batch_size), points)
+    log.info(
+        "pilot fine-tune (%s init): %d training images, %.0f%% of the full "
+        "fine-tune's %d (%d epochs x %d)",
+        ft.init,
+        budget.images,
+        100 * budget.images / (per_epoch * ft.epochs),
+        per_epoch * ft.epochs,
+        ft.epochs,
+        per_epoch,
+    )
+    state.fit(identity, budget)
+    probs, labels, index = predict_batches(
+        state.model, state.val_loader, device, state.amp
+    )
+    correct = (probs.argmax(1) == labels).tolist() if len(labels) else []
+    budget.curve.append((budget.used, float(sum(correct) / max(len(correct), 1))))
+    val = [r.path for r in images.records if r.split == "val"]
+    log.info(
+        "pilot (%s): %d of %d images, val accuracy %.4f (end)",
+        ft.init,
+        budget.used,
+        budget.images,
+        budget.curve[-1][1],
+    )
+    return PilotRun(
+        ft.init,
+        budget.images,
+        budget.used,
+        per_epoch * ft.epochs,
+        state.epoch,
+        tuple(budget.curve),
+        tuple(val[i] for i in index.tolist()),
+        tuple(bool(c) for c in correct),
+        time.perf_counter() - start,
+        not budget.cut and state.epoch >= 1,
+        round(ft.warmup_epochs * per_epoch),
+    )
+
+
+def pilot_budget(share: float, epochs: int, per_epoch: int, batch: int) -> int:
+    """Training images for a pilot of `share` of `epochs` x `per_epoch` images.
+
+    Whole epochs when the share covers at least one (rounded down, so the
+    pilot never exceeds it); else whole batches, one at least.
+    """
+    whole = math.floor(share * epochs + 1e-9)
+    if whole >= 1:
+        return whole * per_epoch
+    part = math.floor(share * epochs * per_epoch)
+    return max(batch, part - part % batch)
 
 
 def model_stamp(cfg: Config, images: ImageSet) -> str:
@@ -505,12 +666,21 @@ class _Training:
 
     # -- the loop ----------------------------------------------------------
 
-    def fit(self, identity: dict[str, Any]) -> bool:
-        """Train the remaining epochs; return True when early stopping ended it."""
+    def fit(self, identity: dict[str, Any], budget: Budget | None = None) -> bool:
+        """Train the remaining epochs; return True when early stopping ended it.
+
+        With a budget, training also stops when the next batch would exceed
+        it; an epoch cut short is not checkpointed (a checkpoint always holds
+        whole epochs, so a resume is exact).
+        """
         ft = self.cfg.finetune
         while self.epoch < ft.epochs:
+            if budget is not None and not budget.fits(ft.batch_size):
+                return False
             head_only = self.epoch < ft.head_epochs
-            train_metrics = train_one_epoch(self, head_only=head_only)
+            train_metrics = train_one_epoch(self, head_only=head_only, budget=budget)
+            if budget is not None and budget.cut:
+                return False
             val_metrics = (
                 evaluate(self.model, self.val_loader, self.device, self.amp, self.world)
                 if self.world.main
@@ -687,8 +857,14 @@ def _frozen_body(model: ImageClassifier) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def train_one_epoch(t: _Training, *, head_only: bool) -> dict[str, float]:
-    """One pass over the training split; returns mean loss and accuracy."""
+def train_one_epoch(
+    t: _Training, *, head_only: bool, budget: Budget | None = None
+) -> dict[str, float]:
+    """One pass over the training split; returns mean loss and accuracy.
+
+    With a budget, the pass stops before a batch that would exceed it, and
+    the validation accuracy is recorded at each of the budget's points.
+    """
     ft = t.cfg.finetune
     t.model.train()
     sampler = t.train_loader.sampler
@@ -708,6 +884,9 @@ def train_one_epoch(t: _Training, *, head_only: bool) -> dict[str, float]:
         for i, (images, labels, _) in enumerate(t.train_loader):
             if len(labels) == 0:
                 continue
+            if budget is not None and not budget.fits(len(labels)):
+                budget.cut = True
+                break
             last = (i + 1) % ft.accumulate == 0 or i + 1 == batches
             logits, loss = _step(t, images, labels, criterion, sync=last)
             if last:
@@ -717,11 +896,36 @@ def train_one_epoch(t: _Training, *, head_only: bool) -> dict[str, float]:
             seen += len(labels)
             bar.update(len(labels))
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
+            if budget is not None:
+                budget.used += len(labels)
+                if budget.next_point():
+                    _validation_point(t, budget, head_only=head_only)
     return {
         "loss": loss_sum / max(seen, 1),
         "accuracy": correct / max(seen, 1),
         "images_per_second": seen / (time.perf_counter() - start),
     }
+
+
+def _validation_point(t: _Training, budget: Budget, *, head_only: bool) -> None:
+    """Validate mid-epoch for a pilot's curve, then return to training mode."""
+    metrics = evaluate(t.model, t.val_loader, t.device, t.amp, t.world)
+    budget.curve.append((budget.used, metrics["accuracy"]))
+    log.info(
+        "pilot (%s): %d of %d images, val accuracy %.4f",
+        t.cfg.finetune.init,
+        budget.used,
+        budget.images,
+        metrics["accuracy"],
+    )
+    t.model.train()
+    if head_only:  # the frozen body's BatchNorm stays in eval mode
+        head = head_name(t.model.net)
+        for name, module in t.model.net.named_modules():
+            if not name.startswith(head) and isinstance(
+                module, nn.modules.batchnorm._BatchNorm
+            ):
+                module.eval()
 
 
 def _step(

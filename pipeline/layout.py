@@ -7,6 +7,7 @@
   run.json             `quadrant run`: the case, the model, timings, reuse
   report.html          one page about the selected model
   advice.json          `quadrant advise`
+  advise/              the advisor's pilot fine-tunes: pilot-pretrained/, pilot-scratch/
   extract.json         the last extraction: cache file, counts, skipped files
   sweep.json/.csv/.png the layer sweep
   samples.png          sample images per class (the report's)
@@ -143,6 +144,10 @@ class RunLayout:
     def advice(self) -> Path:
         return self.root / "advice.json"
 
+    def pilot(self, init: str) -> Path:
+        """The run folder of the advisor's pilot fine-tune with this init."""
+        return self.root / "advise" / f"pilot-{init}"
+
     @property
     def extract_summary(self) -> Path:
         return self.root / "extract.json"
@@ -158,6 +163,11 @@ class RunLayout:
     @property
     def sweep_plot(self) -> Path:
         return self.root / "sweep.png"
+
+    @property
+    def pilot_record(self) -> Path:
+        """pilot.json, in the run folder of one of the advisor's pilots."""
+        return self.root / "pilot.json"
 
     @property
     def finetune_work(self) -> Path:

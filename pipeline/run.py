@@ -14,13 +14,14 @@ checkpoint.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
-from features.atomic import write_json
+from features.atomic import staged_folder, write_json
 from features.cache import read_info
 from features.layers import TOP
 from pipeline import advise, evaluate, export, extract, finetune, predict, report, sweep
@@ -59,8 +60,10 @@ def run(cfg: Config, *, predict_paths: Sequence[Path] = ()) -> RunResult:
     if case is None:
         advice = _timed(timings, "advise", lambda: advise.run(cfg))
         case = advice.case
+    else:
+        log.info("case %d (run.strategy = %r)", case, cfg.run.strategy)
     if case in (1, 2):
-        cfg = _codes_path(cfg, case, timings, reused)
+        cfg = _codes_path(cfg, case, advice, timings, reused)
     else:
         cfg = _finetune_path(cfg, case, advice, timings, reused)
     evaluation = _timed(timings, "evaluate", lambda: evaluate.run(cfg))
@@ -109,14 +112,28 @@ def _timed(timings: dict[str, float], name: str, work: Callable[[], T]) -> T:
 
 
 def _codes_path(
-    cfg: Config, case: int, timings: dict[str, float], reused: list[str]
+    cfg: Config,
+    case: int,
+    advice: advise.Advice | None,
+    timings: dict[str, float],
+    reused: list[str],
 ) -> Config:
-    """Extract depths across the network, sweep them, train on top or the best."""
+    """Extract depths across the network, sweep them, train on the chosen layer.
+
+    The advised layer when there is advice; else top (case 1) or the sweep's
+    best (case 2).
+    """
     layers = advise.codes_layers(cfg, load_backbone(cfg))
+    train = replace(cfg.train, layer=TOP if case == 1 else "best")
+    if advice is not None:
+        settings = advice.settings
+        train = replace(
+            cfg.train, layer=settings["train.layer"], pooling=settings["train.pooling"]
+        )
     cfg = replace(
         cfg,
         extract=replace(cfg.extract, layers=tuple(layers)),
-        train=replace(cfg.train, layer=TOP if case == 1 else "best"),
+        train=train,
         run=replace(cfg.run, model="codes"),
     )
     result = _timed(timings, "extract", lambda: extract.run(cfg))
@@ -163,6 +180,8 @@ def _finetune_path(
     if stamp_of(layout.model("finetune").record) == wanted:
         reused.append("model")
         return cfg
+    if advice is not None and not layout.checkpoint.exists():
+        _adopt_pilot(cfg, advice, wanted)
     resume = layout.checkpoint.exists() and stamp_of(layout.finetune_stamp) == wanted
     if layout.checkpoint.exists() and not resume:
         log.warning(
@@ -174,6 +193,30 @@ def _finetune_path(
         lambda: finetune.run(cfg, resume=resume, restart=not resume),
     )
     return cfg
+
+
+def _adopt_pilot(cfg: Config, advice: advise.Advice, wanted: str) -> None:
+    """Continue from the advisor's pilot: it is this fine-tune's first epochs.
+
+    The pilot ran the same settings, schedule and seed; when it ended on an
+    epoch boundary its checkpoint is where this run would be after those
+    epochs, so its cost is not paid twice.
+    """
+    pilots = (advice.size.pilot, advice.size.scratch)
+    pilot = next((p for p in pilots if p and p.init == cfg.finetune.init), None)
+    if pilot is None or not pilot.resumable:
+        return
+    source = replace(cfg, run=replace(cfg.run, out=Path(pilot.folder))).layout
+    if not source.checkpoint.exists() or stamp_of(source.finetune_stamp) != wanted:
+        return
+    with staged_folder(cfg.layout.finetune_work) as folder:
+        for path in (source.checkpoint, source.best_weights, source.finetune_stamp):
+            shutil.copyfile(path, folder / path.name)
+    log.info(
+        "fine-tuning continues the advisor's pilot after epoch %d (%s)",
+        pilot.epochs,
+        pilot.folder,
+    )
 
 
 def _export(

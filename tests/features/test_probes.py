@@ -2,10 +2,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import stats
 from scipy.stats import multivariate_normal
 
 from features.errors import DataError
-from features.probes import _Spectrum, linear_probe, logme
+from features.probes import (
+    _Spectrum,
+    corrected_interval,
+    cv_splits,
+    fold_accuracies,
+    forecast_interval,
+    holdout_probe,
+    linear_probe,
+    logme,
+    paired_interval,
+    power_law_forecast,
+    split_ratio,
+)
 
 
 def _spectrum(f: np.ndarray, y: np.ndarray) -> _Spectrum:
@@ -43,6 +56,14 @@ def test_logme_prefers_informative_codes() -> None:
     informative = np.eye(3)[y] * 3 + rng.normal(size=(300, 3))
     noise = rng.normal(size=(300, 3))
     assert logme(informative, y) > logme(noise, y) + 0.1
+
+
+def test_logme_of_dead_codes_is_finite_and_worse() -> None:
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 3, size=60)
+    informative = np.eye(3)[y] * 3 + rng.normal(size=(60, 3))
+    for dead in (np.zeros((60, 4)), np.ones((60, 4))):
+        assert np.isfinite(logme(dead, y)) and logme(dead, y) < logme(informative, y)
 
 
 def test_linear_probe_scores_separable_codes() -> None:
@@ -83,3 +104,101 @@ def test_domain_statistics_of_a_backbone_without_classifier() -> None:
     assert np.isnan(stats.confidence) and np.isnan(stats.entropy)
     assert np.isnan(stats.bn_shift) and stats.images == 5
     assert 0 < domain_statistics(model, batches).confidence <= 1
+
+
+# ---------------------------------------------------------------------------
+# Paired comparisons with their uncertainty
+
+
+def test_corrected_interval_equals_the_nadeau_bengio_formula() -> None:
+    d = np.array([0.02, 0.05, -0.01, 0.04, 0.03, 0.00, 0.06, 0.01, 0.02, 0.03])
+    ratio = 1 / 4  # 5-fold CV: n_test / n_train
+    got = corrected_interval(d, test_train_ratio=ratio, confidence=0.9)
+    # Direct: mean +- t_{J-1, 0.95} * sqrt((1/J + n2/n1) * s^2), J = 10.
+    mean, s2, j = d.sum() / 10, ((d - d.sum() / 10) ** 2).sum() / 9, 10
+    half = stats.t(df=j - 1).ppf(0.95) * np.sqrt((1 / j + ratio) * s2)
+    assert got.mean == pytest.approx(mean)
+    assert (got.low, got.high) == pytest.approx((mean - half, mean + half))
+    assert got.n == 10 and got.confidence == 0.9 and "Nadeau" in got.method
+    # The correction widens the naive interval of s / sqrt(J) by sqrt(1 + J r).
+    naive = stats.t(df=j - 1).ppf(0.95) * np.sqrt(s2 / j)
+    assert half / naive == pytest.approx(np.sqrt(1 + j * ratio))
+
+
+def test_corrected_interval_of_identical_scores_is_a_point() -> None:
+    got = corrected_interval(np.zeros(15), test_train_ratio=0.25, confidence=0.95)
+    assert (got.mean, got.low, got.high) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="at least two"):
+        corrected_interval([0.1], test_train_ratio=0.25, confidence=0.95)
+
+
+def test_paired_interval_equals_a_direct_computation() -> None:
+    a = np.array([1, 1, 0, 1, 1, 1, 0, 1, 1, 1, 1, 0], bool)
+    b = np.array([1, 0, 0, 1, 0, 1, 1, 1, 0, 1, 0, 0], bool)
+    got = paired_interval(a, b, confidence=0.95)
+    d = a.astype(float) - b
+    half = 1.959964 * d.std(ddof=1) / np.sqrt(len(d))
+    assert got.mean == pytest.approx(a.mean() - b.mean())
+    assert (got.low, got.high) == pytest.approx((d.mean() - half, d.mean() + half))
+    assert got.covers(got.mean) and not got.covers(got.high + 0.01)
+    with pytest.raises(ValueError, match="two equal, non-empty arrays"):
+        paired_interval(a, b[:3], confidence=0.95)
+
+
+def test_cv_splits_are_repeated_stratified_seeded_and_shared() -> None:
+    y = np.repeat([0, 1, 2], 10)
+    splits = cv_splits(y, folds=5, repeats=3, seed=7)
+    assert len(splits) == 15
+    for train, test in splits:
+        assert np.bincount(y[test]).tolist() == [2, 2, 2]
+        assert len(np.intersect1d(train, test)) == 0
+    again = cv_splits(y, folds=5, repeats=3, seed=7)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(splits, again, strict=True))
+    # Each repeat covers every row once in its test folds.
+    for r in range(3):
+        rows = np.concatenate([te for _, te in splits[5 * r : 5 * r + 5]])
+        assert sorted(rows.tolist()) == list(range(30))
+    assert split_ratio(splits) == pytest.approx(6 / 24)
+    assert len(cv_splits(np.array([0, 0, 0, 1, 1, 1]), folds=5, repeats=2, seed=0)) == 6
+
+
+def test_fold_accuracies_score_each_given_split() -> None:
+    rng = np.random.default_rng(4)
+    y = np.repeat([0, 1], 20)
+    X = rng.normal(size=(40, 3)) + y[:, None] * 5
+    splits = cv_splits(y, folds=4, repeats=2, seed=0)
+    scores = fold_accuracies(X, y, splits, n_jobs=1)
+    assert scores.shape == (8,) and scores.min() > 0.85
+
+
+def test_holdout_probe_says_which_test_rows_it_got_right() -> None:
+    rng = np.random.default_rng(5)
+    y = np.repeat([0, 1], 30)
+    X = rng.normal(size=(60, 2)) + y[:, None] * 6
+    right = holdout_probe(X[::2], y[::2], X[1::2], y[1::2])
+    assert right.dtype == bool and right.shape == (30,) and right.mean() > 0.9
+    with pytest.raises(DataError, match="only one class"):
+        holdout_probe(X[:5], np.zeros(5, int), X, y)
+
+
+def test_power_law_forecast_continues_a_power_law() -> None:
+    # err(t) = 0.8 t^-0.5: the forecast at t = 1600 is 1 - 0.8 / 40.
+    points = [(t, 1 - 0.8 * t**-0.5) for t in (100.0, 200.0, 400.0)]
+    assert power_law_forecast(points, 1600) == pytest.approx(0.98)
+    # A curve that does not improve forecasts its last value.
+    assert power_law_forecast([(1, 0.7), (2, 0.6)], 10) == 0.6
+    assert power_law_forecast([(5, 0.4)], 10) == 0.4
+    with pytest.raises(ValueError, match="at least one"):
+        power_law_forecast([], 10)
+
+
+def test_forecast_interval_is_seeded_and_narrows_with_more_images() -> None:
+    points = [(t, 1 - 0.8 * t**-0.5) for t in (200.0, 400.0)]
+    small = forecast_interval(points, 1600, images=100, confidence=0.9)
+    again = forecast_interval(points, 1600, images=100, confidence=0.9)
+    large = forecast_interval(points, 1600, images=10_000, confidence=0.9)
+    assert small == again and small.mean == pytest.approx(0.98)
+    assert small.low < large.low <= 0.98 <= large.high < small.high
+    assert large.high - large.low < 0.02 and small.method.startswith("power law")
+    with pytest.raises(ValueError, match="at least one validation image"):
+        forecast_interval(points, 1600, images=0, confidence=0.9)

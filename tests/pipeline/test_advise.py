@@ -1,75 +1,231 @@
-"""The advisor: the decision table, and real measurements in two quadrants."""
+"""The advisor: the decision rule, its intervals, real runs, reuse and progress."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+import torch
+import torchvision
 
-from features.probes import DomainStatistics
-from pipeline import advise
+from features.probes import (
+    DomainStatistics,
+    Interval,
+    cv_splits,
+    fold_accuracies,
+    split_ratio,
+)
+from pipeline import advise, finetune, sizing
 from pipeline.config import Config, load_config
-from tests.conftest import write_digits_subset
+from tests.conftest import TINY, write_digits_subset, write_png
 
 DOMAIN = DomainStatistics(0.1, (0.1,), 0.9, 0.2, 3.0, 10)
+CFG = load_config(None, ["advise.top_margin=0.01", "advise.confidence=0.95"])
 
 
-def depths(top: float, early: float) -> tuple[advise.Depth, ...]:
-    return (
-        advise.Depth("layer2", 128, early, 0.01, 0.2),
-        advise.Depth("top", 512, top, 0.01, 0.3),
+def interval(mean: float, low: float, high: float) -> Interval:
+    return Interval(mean, low, high, 0.975, "corrected resampled t", 15)
+
+
+def similarity(verdict: str, gain: Interval) -> advise.Similarity:
+    layer = "top" if verdict == "similar" else "layer2"
+    pooling = "none" if verdict == "similar" else "avg"
+    return advise.Similarity(
+        verdict, "layer2", gain, 0.01, 0.95, 5, 3, 120, 2, layer, (layer, pooling)
     )
 
 
+def size(finetune: bool, init: str = "pretrained") -> sizing.Size:
+    return sizing.Size(
+        images=900,
+        per_class_median=450.0,
+        per_class_min=400,
+        floor=100,
+        measured=False,
+        layer="layer2/avg",
+        frozen_curve=(),
+        frozen_gain=None,
+        pilot=None,
+        scratch=None,
+        finetune=finetune,
+        init=init,
+        rule="ahead" if finetune else "floor",
+    )
+
+
+DEPTHS = (
+    advise.Depth("layer2", 128, 0.9, 0.01, 0.2, interval(0.05, 0.02, 0.08)),
+    advise.Depth("top", 512, 0.85, 0.01, 0.3),
+)
+
+
 @pytest.mark.parametrize(
-    "per_class, top, early, case",
+    "verdict, gain, finetune, init, case",
     [
-        ([20, 30], 0.90, 0.90, 1),  # small, top as good as any layer
-        ([20, 30], 0.905, 0.91, 1),  # an earlier layer ahead by less than 1 point
-        ([20, 30], 0.80, 0.90, 2),  # small, an earlier layer clearly better
-        ([900, 800], 0.90, 0.85, 3),  # large, similar
-        ([900, 800], 0.70, 0.85, 4),  # large, different
+        ("similar", (0.0, -0.004, 0.006), False, "pretrained", 1),
+        ("different", (0.05, 0.02, 0.08), False, "pretrained", 2),
+        ("undecided", (0.01, -0.02, 0.04), False, "pretrained", 2),  # cheaper
+        ("similar", (0.0, -0.004, 0.006), True, "pretrained", 3),
+        ("undecided", (0.01, -0.02, 0.04), True, "pretrained", 3),  # no scratch
+        ("different", (0.05, 0.02, 0.08), True, "scratch", 4),
     ],
 )
 def test_decide_follows_the_four_case_table(
-    per_class: list[int], top: float, early: float, case: int
+    verdict: str, gain: tuple[float, float, float], finetune: bool, init: str, case: int
 ) -> None:
-    cfg = load_config(None, ["advise.large_per_class=500", "advise.top_margin=0.01"])
-    advice = advise.decide(cfg, per_class, depths(top, early), DOMAIN, sample=50)
+    advice = advise.decide(
+        similarity(verdict, interval(*gain)), size(finetune, init), DEPTHS, DOMAIN
+    )
     assert advice.case == case
-    assert advice.large == (case >= 3) and advice.similar == (case in (1, 3))
-    reasons = " ".join(advice.reasons())
-    assert "advise.large_per_class = 500" in reasons and "advise.top_margin" in reasons
-    if case == 2:
-        assert advice.best_layer == "layer2"
-        assert advice.settings["train.layer"] == "layer2"
-    if case >= 3:
-        assert advice.settings["path"] == "finetune"
+    assert advice.large == finetune and advice.similar == (verdict != "different")
+    if case in (1, 2):
+        layer = "top" if case == 1 else "layer2"
+        assert advice.settings["train.layer"] == layer
+    else:
+        assert advice.settings["finetune.init"] == init
+    if verdict == "undecided" and case == 2:
+        assert "undecided: layer2 and top are within noise" in advice.settings["note"]
+
+
+def test_reasons_give_the_gain_with_its_interval_folds_and_repeats() -> None:
+    advice = advise.decide(
+        similarity("different", interval(0.052, 0.021, 0.083)),
+        replace(size(False), per_class_median=12, per_class_min=10, images=52),
+        DEPTHS,
+        DOMAIN,
+    )
+    first, second = advice.reasons()[:2]
+    assert "median 12 training images per class (min 10, 52 in all) < " in first
+    assert "advise.small_per_class = 100" in first
+    assert (
+        "similarity: different: the best earlier layer layer2 scores +5.2 points "
+        "over top [+2.1, +8.3] (97.5% interval, 5 folds x 3 repeats on 120 images"
+    ) in second
+    assert "its lower end clears advise.top_margin = 1.0 points" in second
+    lines = "\n".join(advise.summary_lines(advice))
+    assert "+5.0 [ +2.0,  +8.0]" in lines  # each depth's gain and interval
 
 
 def test_reasons_of_a_backbone_without_batchnorm_or_classifier() -> None:
-    cfg = load_config(None, [])
     nan = float("nan")
     domain = DomainStatistics(nan, (), nan, nan, nan, 10)
-    reasons = advise.decide(cfg, [20, 30], depths(0.9, 0.9), domain, 50).reasons()
+    reasons = advise.decide(
+        similarity("similar", interval(0.0, -0.01, 0.01)), size(False), DEPTHS, domain
+    ).reasons()
     assert "none (the backbone has no BatchNorm layers)" in reasons[3]
     assert "the backbone has no classifier of its own" in reasons[4]
 
 
-def test_decide_reports_the_figures_it_used() -> None:
-    cfg = load_config(None, [])
-    advice = advise.decide(cfg, [10, 30, 12], depths(0.7, 0.85), DOMAIN, sample=52)
-    first, second = advice.reasons()[:2]
-    assert "median 12 training images per class (min 10, 52 in all) < " in first
-    assert "the best layer layer2 scores +15.0 points over top" in second
-    assert "on 52 images" in second
+# ---------------------------------------------------------------------------
+# Synthetic codes at the probes level: the verdict from paired folds
+
+
+def _verdict(early: np.ndarray, top: np.ndarray, y: np.ndarray) -> advise.Similarity:
+    splits = cv_splits(y, folds=5, repeats=3, seed=0)
+    scores = np.stack([fold_accuracies(X, y, splits, n_jobs=1) for X in (early, top)])
+    _, sim = advise.similarity_of(
+        CFG,
+        ["layer2", "top"],
+        [("layer2", "avg"), ("top", "none")],
+        scores,
+        [(early.shape[1], 0.0), (top.shape[1], 0.0)],
+        folds=5,
+        ratio=split_ratio(splits),
+        images=len(y),
+    )
+    return sim
+
+
+def _codes(y: np.ndarray, separation: float, rng: np.random.Generator) -> np.ndarray:
+    centres = np.eye(3, 6)[y] * separation
+    return centres + rng.normal(size=(len(y), 6))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_layers_equal_by_construction_are_never_called_different(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1, 2], 30)
+    # The same signal with fresh noise of the same size: equal in expectation.
+    sim = _verdict(_codes(y, 1.5, rng), _codes(y, 1.5, rng), y)
+    assert sim.verdict in ("similar", "undecided")
+    assert sim.gain.low <= CFG.advise.top_margin
+
+
+def test_identical_layers_are_similar() -> None:
+    rng = np.random.default_rng(9)
+    y = np.repeat([0, 1, 2], 30)
+    codes = _codes(y, 1.5, rng)
+    sim = _verdict(codes, codes, y)
+    assert sim.verdict == "similar" and sim.layer == "top" and sim.code[0] == "top"
+    assert (sim.gain.low, sim.gain.high) == (0.0, 0.0)
+
+
+def test_a_clearly_better_earlier_layer_is_different() -> None:
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 1, 2], 30)
+    sim = _verdict(_codes(y, 4.0, rng), _codes(y, 0.7, rng), y)
+    assert sim.verdict == "different" and sim.layer == "layer2"
+    assert sim.gain.low > CFG.advise.top_margin  # the interval excludes the margin
+    assert sim.folds == 5 and sim.repeats == 3 and sim.gain.n == 15
+
+
+# ---------------------------------------------------------------------------
+# Real runs
+
+
+def tiny(root: Path, out: Path, *extra: str) -> Config:
+    return load_config(
+        None,
+        [
+            f"data.root='{root}'",
+            f"run.out='{out}'",
+            *TINY,
+            "train.n_jobs=1",
+            "advise.cv_folds=3",
+            "advise.cv_repeats=2",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_digits_subset(tmp_path_factory.mktemp("adv"), 30)
+    return write_digits_subset(tmp_path_factory.mktemp("adv"), 12)
+
+
+@pytest.fixture(scope="module")
+def dead_top(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ResNet-18 weights whose last stage outputs a constant (random otherwise)."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)
+    with torch.no_grad():
+        for name, param in net.layer4.named_parameters():
+            if "bn2" in name or "downsample.1" in name:
+                param.zero_()
+    path = tmp_path_factory.mktemp("weights") / "dead-top.pt"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_advise_end_to_end_says_different_when_the_top_layer_is_useless(
+    digits: Path, dead_top: Path, tmp_path: Path
+) -> None:
+    """Real images, a real extraction: earlier layers keep the digits, top not."""
+    cfg = tiny(digits, tmp_path, f"backbone.weights='{dead_top}'", "advise.depths=2")
+    advice = advise.run(cfg)
+    sim = advice.similarity
+    assert sim.verdict == "different" and sim.gain.low > cfg.advise.top_margin
+    assert advice.case == 2 and advice.settings["train.layer"] != "top"
+    saved = json.loads((tmp_path / "advice.json").read_text())
+    assert saved["similarity"]["gain"]["low"] == sim.gain.low
+    assert saved["similarity"]["folds"] == 3 and saved["similarity"]["repeats"] == 2
+    assert saved["reasons"] == advice.reasons() and saved["stamp"]
 
 
 def test_advise_on_digits_with_imagenet_weights(digits: Path, tmp_path: Path) -> None:
@@ -80,27 +236,20 @@ def test_advise_on_digits_with_imagenet_weights(digits: Path, tmp_path: Path) ->
             f"data.root='{digits}'",
             f"run.out='{tmp_path}'",
             "run.progress=false",
-            "sweep.cv_folds=3",
-            "backbone.input_size=96",
+            "train.n_jobs=1",
+            "advise.cv_folds=3",
+            "advise.cv_repeats=1",
+            "advise.depths=3",
+            "backbone.input_size=64",
         ],
     )
     advice = advise.run(cfg)
-    assert not advice.large and advice.per_class_median == 21
-    assert [d.layer for d in advice.depths][-1] == "top" and len(advice.depths) == 6
+    assert not advice.large and advice.size.per_class_median == 9
+    assert not advice.size.measured and advice.size.rule == "floor"
+    assert [d.layer for d in advice.depths][-1] == "top" and len(advice.depths) == 4
     assert all(0 <= d.accuracy <= 1 for d in advice.depths)
-    assert advice.domain.images == 210 and advice.domain.bn_shift > 0
-    saved = json.loads((tmp_path / "advice.json").read_text())
-    assert saved["case"] == advice.case in (1, 2)
-    assert saved["reasons"] == advice.reasons()
-    # Same measurements, a lower bar for "large": the large half of the table.
-    large = advise.decide(
-        load_config(None, ["advise.large_per_class=20"]),
-        [21] * 10,
-        advice.depths,
-        advice.domain,
-        advice.sample,
-    )
-    assert large.case == advice.case + 2
+    assert advice.domain.images == 90 and advice.domain.bn_shift > 0
+    assert advice.case in (1, 2)
 
 
 def test_advise_skips_a_corrupt_image_instead_of_crashing(
@@ -109,7 +258,9 @@ def test_advise_skips_a_corrupt_image_instead_of_crashing(
     for i in range(4):  # whatever the split, some land in the training sample
         whole = (image_folder / "cat" / f"0{i}.png").read_bytes()
         (image_folder / "cat" / f"truncated-{i}.png").write_bytes(whole[:300])
-    cfg = make_config(image_folder, "sweep.cv_folds=2", "advise.depths=2")
+    cfg = make_config(
+        image_folder, "advise.cv_folds=2", "advise.depths=2", "train.n_jobs=1"
+    )
     advice = advise.run(cfg)
     assert advice.case in (1, 2)
     assert advice.domain.bn_shift >= 0  # measured on the readable images
@@ -138,3 +289,126 @@ def test_advise_probes_a_headless_vits_blocks(
     assert [d.dims for d in advice.depths] == [768, 768, 768, 384]
     reasons = " ".join(advice.reasons())
     assert "no BatchNorm layers" in reasons and "no classifier of its own" in reasons
+
+
+def test_the_batchnorm_step_shows_progress_and_logs(
+    image_folder: Path,
+    make_config: Callable[..., Config],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bars: dict[str, list[int]] = {}
+    real = advise.progress_bar
+
+    def recording(total: int, **kwargs: Any) -> Any:
+        bar = real(total, **kwargs)
+        steps = bars.setdefault(kwargs["desc"], [total])
+        update = bar.update
+        bar.update = lambda n=1: (steps.append(n), update(n))[1]
+        return bar
+
+    monkeypatch.setattr(advise, "progress_bar", recording)
+    cfg = make_config(image_folder, "advise.depths=2", "train.n_jobs=1")
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        advise.run(cfg)
+    total, *steps = bars["advise: BatchNorm shift"]
+    assert sum(steps) == total > 0 and len(steps) >= 1
+    assert bars["advise: probes"][0] == 3 and sum(bars["advise: probes"][1:]) == 3
+    text = caplog.text
+    assert f"BatchNorm input shift and the backbone's confidence on {total} images" in (
+        text
+    )
+    assert "advise: BatchNorm shift " in text and "mean top-1 probability" in text
+
+
+# ---------------------------------------------------------------------------
+# Above the floor: the pilot, its budget, and reuse
+
+
+@pytest.fixture(scope="module")
+def piloted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tiny set above a low floor: the learning curve and the pilot run."""
+    base = tmp_path_factory.mktemp("piloted")
+    root = base / "data"
+    for c, name in enumerate(["cat", "dog"]):
+        for i in range(30):
+            write_png(root / name / f"{i:02d}.png", seed=100 * c + i)
+    cfg = tiny(
+        root,
+        base / "run",
+        "advise.small_per_class=5",
+        "advise.depths=1",
+        "advise.pilot_share=0.5",
+        "finetune.epochs=2",
+        "finetune.batch_size=8",
+        "finetune.num_workers=0",
+        "data.val_fraction=0.2",
+    )
+    seen: list[int] = []
+    real = finetune._step
+
+    def step(t, images, labels, criterion, *, sync):  # type: ignore[no-untyped-def]
+        seen.append(len(labels))
+        return real(t, images, labels, criterion, sync=sync)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(finetune, "_step", step)
+        advice = advise.run(cfg)
+    return {"cfg": cfg, "advice": advice, "seen": seen, "root": root}
+
+
+def test_above_the_floor_the_pilot_runs_within_its_budget(
+    piloted: dict[str, Any],
+) -> None:
+    advice, cfg = piloted["advice"], piloted["cfg"]
+    z = advice.size
+    assert (
+        z.measured and z.pilot is not None and z.rule in ("ahead", "forecast", "codes")
+    )
+    p = z.pilot
+    # Images processed, counted at the network: within the budget, half the full.
+    assert sum(piloted["seen"]) == p.images <= p.budget == p.full // 2
+    assert p.share == 0.5 and p.epochs == 1 and p.resumable
+    assert [c.images for c in p.curve][-1] == p.images and len(p.curve) >= 2
+    assert [c.images for c in z.frozen_curve] == sorted(
+        c.images for c in z.frozen_curve
+    )
+    assert z.frozen_curve[-1].images == advice.size.images
+    assert p.versus.low <= p.versus.mean <= p.versus.high
+    saved = json.loads(cfg.layout.advice.read_text())
+    assert saved["size"]["pilot"]["budget"] == p.budget  # settings, cost, outcome
+    assert saved["size"]["pilot"]["seconds"] > 0 and saved["seconds"]["size"] > 0
+    assert saved["size"]["rule"] == z.rule and "pilot fine-tune" in saved["reasons"][0]
+    assert (cfg.layout.pilot("pretrained") / "finetune" / "last.pt").exists()
+
+
+def test_a_rerun_reuses_the_advice_and_the_pilot_until_something_changes(
+    piloted: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg, first = piloted["cfg"], piloted["advice"]
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("measured again")
+
+    # Nothing changed: the advice is read back, nothing is measured.
+    with monkeypatch.context() as patch:
+        patch.setattr(advise, "_probe_depths", refuse)
+        patch.setattr(finetune, "pilot", refuse)
+        again = advise.run(cfg)
+    assert again == first
+    # A decision setting changed: advised again, the pilot reused.
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune, "pilot", refuse)
+        looser = advise.run(replace(cfg, advise=replace(cfg.advise, top_margin=0.5)))
+    assert looser.similarity.margin == 0.5 and looser.size.pilot == first.size.pilot
+    # An image changed: advised again, pilot included.
+    before = json.loads(cfg.layout.advice.read_text())["stamp"]
+    write_png(piloted["root"] / "cat" / "00.png", seed=999)
+    calls = []
+    real = finetune.pilot
+    monkeypatch.setattr(
+        finetune, "pilot", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    changed = advise.run(cfg)
+    assert calls == [1] and changed.size.pilot is not None
+    assert json.loads(cfg.layout.advice.read_text())["stamp"] != before

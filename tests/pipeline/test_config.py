@@ -60,6 +60,16 @@ BAD = [
     ("[data]\nseed = 4294967296\n", r"\[data\] seed must be an integer in 0\.\."),
     ("[run]\nmodel = 'best'\n", r"model = 'best' is not one of \['latest', 'codes'"),
     ("[trian]\nepochs = 1\n", r"unknown section\(s\) \['trian'\]; valid: "),
+    (
+        "[advise]\nlarge_per_class = 500\n",
+        r"large_per_class is retired: the advisor measures size with a pilot",
+    ),
+    ("[advise]\ncv_folds = 1\n", r"\[advise\] cv_folds must be >= 2, got 1"),
+    ("[advise]\ncv_repeats = 0\n", r"\[advise\] cv_repeats must be >= 1, got 0"),
+    ("[advise]\nconfidence = 1.0\n", r"confidence must be in \[0.5, 1\), got 1.0"),
+    ("[advise]\npilot_share = 0\n", r"pilot_share must be in \(0, 1\]"),
+    ("[advise]\npilot_points = 1\n", r"pilot_points must be >= 2, got 1"),
+    ("[advise]\nsmall_per_class = -1\n", r"small_per_class must be >= 0, got -1"),
     ("extract = 3\n", r"extract must be a table"),
     ("[extract\n", r"is not valid TOML"),
 ]

@@ -1,0 +1,107 @@
+"""The size question: the floor, the frozen learning curve, the pilot's rules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from features.errors import DataError
+from features.probes import Interval
+from pipeline import finetune, sizing
+from pipeline.config import Config
+from pipeline.inputs import load_images
+
+
+def test_nested_order_is_stratified_nested_and_seeded() -> None:
+    y = np.array([0] * 8 + [1] * 4 + [2] * 1)
+    order = sizing.nested_order(y, seed=3)
+    assert [np.bincount(y[order[f]], minlength=3).tolist() for f in (0.25, 0.5, 1)] == [
+        [2, 1, 1],
+        [4, 2, 1],
+        [8, 4, 1],
+    ]
+    assert set(order[0.25]) <= set(order[0.5]) <= set(order[1.0])
+    again = sizing.nested_order(y, seed=3)
+    assert all(np.array_equal(order[f], again[f]) for f in order)
+
+
+def _pilot(versus: tuple[float, float, float], forecast: float) -> sizing.Pilot:
+    return sizing.Pilot(
+        init="pretrained",
+        budget=100,
+        images=100,
+        full=400,
+        share=0.25,
+        epochs=1,
+        seconds=1.0,
+        curve=(sizing.CurvePoint(50, 0.8), sizing.CurvePoint(100, 0.85)),
+        accuracy=0.85,
+        forecast=forecast,
+        forecast_low=forecast - 0.005,
+        forecast_high=forecast + 0.005,
+        forecast_points=2,
+        versus=Interval(*versus, 0.95, "paired normal", 200),
+        reference=0.9,
+        resumable=True,
+        folder="x",
+    )
+
+
+@pytest.mark.parametrize(
+    "versus, forecast, rule",
+    [
+        ((0.03, 0.01, 0.05), 0.85, "ahead"),  # the interval is above 0
+        ((-0.05, -0.08, -0.02), 0.92, "forecast"),  # low end passes by 1.5 > 1
+        ((-0.05, -0.08, -0.02), 0.912, None),  # the low end passes by 0.7 only
+        ((0.01, -0.01, 0.03), 0.90, None),  # a tie now, no gain ahead
+    ],
+)
+def test_pilot_wins_when_ahead_or_forecast_to_pass_by_the_margin(
+    versus: tuple[float, float, float], forecast: float, rule: str | None
+) -> None:
+    assert _pilot(versus, forecast).wins(0.01) == rule
+
+
+def _run(warmup: int, val: int = 1000) -> finetune.PilotRun:
+    curve = ((100, 0.2), (200, 1 - 0.8 * 200**-0.5), (400, 1 - 0.8 * 400**-0.5))
+    paths, correct = tuple(map(str, range(val))), (True,) * val
+    return finetune.PilotRun(
+        "pretrained", 400, 400, 1600, 1, curve, paths, correct, 1.0, True, warmup
+    )
+
+
+def test_the_forecast_uses_the_second_half_of_the_pilot_after_its_warm_up() -> None:
+    # The first point would make the curve look steeper.
+    forecast, points = sizing.forecast_pilot(_run(0), 0.95)
+    assert points == 2 and forecast.mean == pytest.approx(1 - 0.8 / 40)
+    assert forecast.low < forecast.mean < forecast.high
+    # Fewer validation images, noisier points: a wider interval.
+    noisy, _ = sizing.forecast_pilot(_run(0, val=100), 0.95)
+    assert noisy.high - noisy.low > forecast.high - forecast.low
+    # A pilot that ends inside its warm-up forecasts nothing: its last value.
+    none, points = sizing.forecast_pilot(_run(400), 0.95)
+    assert points == 1 and none.low == none.mean == none.high == 1 - 0.8 / 20
+
+
+def test_below_the_floor_nothing_is_measured(
+    image_folder: Path, make_config: Callable[..., Config]
+) -> None:
+    cfg = make_config(image_folder)  # 10 images per class < 100
+    size = sizing.measure(
+        cfg, load_images(cfg), Path("unused.h5"), ("top", "none"), different=True
+    )
+    assert not size.measured and not size.finetune and size.rule == "floor"
+    assert size.pilot is None and size.floor == 100
+
+
+def test_above_the_floor_validation_images_are_required(
+    image_folder: Path, make_config: Callable[..., Config]
+) -> None:
+    cfg = make_config(image_folder, "advise.small_per_class=2", "data.val_fraction=0")
+    with pytest.raises(DataError, match=r"class\(es\) \['cat', 'dog'\] have no vali"):
+        sizing.measure(
+            cfg, load_images(cfg), Path("unused.h5"), ("top", "none"), different=False
+        )
