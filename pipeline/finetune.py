@@ -203,15 +203,9 @@ def run(cfg: Config, *, resume: bool = False, restart: bool = False) -> Finetune
     """
     start = time.perf_counter()
     world = _init_distributed()
-    device = _device(cfg.finetune, world)
-    images = load_images(cfg)
-    settings = model_stamp(cfg, images)
-    cfg = _fitting_batch(cfg, images, world)
-    model, prep, identity = build_model(cfg, len(images.label_names), device)
-    state = _Training.create(cfg, model, device, images, prep, world)
-    state.restore(cfg.layout.checkpoint, identity, resume=resume, restart=restart)
-    if world.main:
-        write_json(cfg.layout.finetune_stamp, {"stamp": settings})
+    cfg, images, settings, identity, state = _prepare(
+        cfg, world, resume=resume, restart=restart
+    )
     try:
         stopped = state.fit(identity)
     except torch.cuda.OutOfMemoryError as err:
@@ -239,6 +233,26 @@ def run(cfg: Config, *, resume: bool = False, restart: bool = False) -> Finetune
     )
 
 
+def _prepare(
+    cfg: Config, world: Dist, *, resume: bool, restart: bool
+) -> tuple[Config, ImageSet, str, dict[str, Any], _Training]:
+    """The data, the model and the training state, restored or fresh.
+
+    The stamp is written before training so that a killed run's checkpoint
+    can be matched to its settings on --resume.
+    """
+    device = _device(cfg.finetune, world)
+    images = load_images(cfg)
+    settings = model_stamp(cfg, images)
+    cfg = _fitting_batch(cfg, images, world)
+    model, prep, identity = build_model(cfg, len(images.label_names), device)
+    state = _Training.create(cfg, model, device, images, prep, world)
+    state.restore(cfg.layout.checkpoint, identity, resume=resume, restart=restart)
+    if world.main:
+        write_json(cfg.layout.finetune_stamp, {"stamp": settings})
+    return cfg, images, settings, identity, state
+
+
 def pilot(cfg: Config, *, share: float, points: int) -> PilotRun:
     """The first `share` of the full fine-tune, validated at `points` even steps.
 
@@ -253,15 +267,9 @@ def pilot(cfg: Config, *, share: float, points: int) -> PilotRun:
         DataError: as `run`.
     """
     start = time.perf_counter()
-    world = Dist()
-    device = _device(cfg.finetune, world)
-    images = load_images(cfg)
-    settings = model_stamp(cfg, images)
-    cfg = _fitting_batch(cfg, images, world)
-    model, prep, identity = build_model(cfg, len(images.label_names), device)
-    state = _Training.create(cfg, model, device, images, prep, world)
-    state.restore(cfg.layout.checkpoint, identity, resume=False, restart=True)
-    write_json(cfg.layout.finetune_stamp, {"stamp": settings})
+    cfg, images, settings, identity, state = _prepare(
+        cfg, Dist(), resume=False, restart=True
+    )
     ft = cfg.finetune
     per_epoch = len(state.train_loader) * ft.batch_size
     budget = Budget(pilot_budget(share, ft.epochs, per_epoch, ft.batch_size), points)
@@ -277,7 +285,7 @@ def pilot(cfg: Config, *, share: float, points: int) -> PilotRun:
     )
     state.fit(identity, budget)
     probs, labels, index = predict_batches(
-        state.model, state.val_loader, device, state.amp
+        state.model, state.val_loader, state.device, state.amp
     )
     correct = (probs.argmax(1) == labels).tolist() if len(labels) else []
     budget.curve.append((budget.used, float(sum(correct) / max(len(correct), 1))))
