@@ -218,6 +218,10 @@ class ShardStore:
         wanted = json.loads(json.dumps(self._manifest()))  # tuples as lists
         found = self._read_manifest()
         if found == wanted:
+            # NOTE: under the lock, before any rank of this job writes, every
+            # temporary file here is a killed process's (of any machine).
+            for leftover in self.parts.glob(".*.tmp-*"):
+                leftover.unlink(missing_ok=True)
             return
         if found is not None or self.parts.exists():
             log.warning(

@@ -242,6 +242,18 @@ def test_shard_store_drops_unreadable_shards(tmp_path: Path) -> None:
         assert not list(store.parts.glob("shard-*"))
 
 
+def test_shard_store_owner_removes_temporaries_of_killed_writers(
+    tmp_path: Path,
+) -> None:
+    with _store(tmp_path) as store:
+        leftover = store.parts / ".shard-000001.h5.tmp-99999-0@another-machine"
+        leftover.write_bytes(b"half a shard")
+    with _store(tmp_path, owner=False):
+        assert leftover.exists()  # a rank never tidies: its job may be writing
+    with _store(tmp_path):
+        assert not leftover.exists()
+
+
 def test_shard_store_refuses_a_second_job_but_not_its_own_ranks(
     tmp_path: Path,
 ) -> None:
