@@ -324,7 +324,8 @@ class ShardStore:
             )
 
     def _write_array(self, h5: h5py.File, name: str, array: npt.NDArray[Any]) -> None:
-        chunks = _chunks(*array.shape, self.dtype) if self.compression else None
+        rows, dims = array.shape
+        chunks = _chunks(rows, dims, self.dtype) if self.compression else None
         dataset = h5.create_dataset(
             name, data=array, chunks=chunks, compression=self.compression
         )

@@ -765,7 +765,7 @@ class _ShardBuffer:
         self.ok[offset : offset + len(rows)] = ok
         self.reasons[offset : offset + len(rows)] = reasons
         for i in np.flatnonzero(~ok):
-            self.failures[int(rows[i])] = reasons[i]
+            self.failures[int(rows[i])] = reasons[int(i)]
         self.filled += len(rows)
         if self.filled == len(self.store.rows(shard)):
             self.store.write(shard, self.codes, self.ok, self.reasons)
