@@ -1,25 +1,40 @@
-"""The HDF5 code cache: crash-safe shards, atomic assembly, verification.
+"""The HDF5 code cache: crash-safe shards linked into one small file.
 
-Layout of a finished cache file (format version 1):
+A finished cache (format version 2) is two entries side by side:
+
+    codes-<key16>.h5       the cache file: tables, provenance, and one virtual
+                           dataset per code array that links the shards
+    codes-<key16>.shards/  shard-NNNNNN.h5: the codes themselves, written once
+                           each, by whichever process (torchrun rank) ran them
+
+Layout of the cache file:
 
     /                      attrs: format, format_version, key, provenance (JSON),
-                           environment (JSON), label_names (JSON), data_root,
-                           n_images, n_rows, created, complete
-    /images/path  (I,)     str, relative to data_root
-    /images/label (I,)     int64 index into label_names
-    /images/split (I,)     str: train | val | test
-    /rows/image   (R,)     int64 index into /images (one row per image and view)
-    /rows/view    (R,)     int16: 0 is the deterministic view
-    /codes/<layer>/<pooling> (R, D) float32 | float16, chunked ~1 MiB
-                           attrs: layer, node, pooling, source_shape, sha256
+                           environment (JSON), label_names (JSON), code_order,
+                           data_root, n_images, n_rows, shards, n_shards,
+                           shard_rows, created, complete
+    /listed/...            every listed image and row, before failed decodes
+                           were dropped (the sources of /images and /rows)
+    /images/path  (I,)     str, relative to data_root        } rows of images
+    /images/label (I,)     int64 index into label_names      } that decoded,
+    /images/split (I,)     str: train | val | test           } linked into
+    /rows/image   (R,)     int64 index into /images           } /listed
+    /rows/view    (R,)     int16: 0 is the deterministic view }
+    /codes/<layer>/<pooling> (R, D) float32 | float16: a virtual dataset over
+                           the shards' arrays, decodable rows only
+                           attrs: layer, node, pooling, source_shape,
+                           rows_per_chunk
     /skipped/path, /skipped/reason (S,) str
 
-Writing never touches the final name until the file is whole. Codes go into
-fixed-size shards in `<name>.parts/`: each shard is written to a temporary
-file, fsynced and renamed into place, so a shard file that exists is complete.
-A killed run resumes by skipping the shards it finds. The final file is built
-under a temporary name, fsynced and renamed over the final name; then the
-parts are removed. A file with the final name is therefore always complete.
+Writing never touches the final name until the cache is whole. The process
+that owns the cache (rank 0) writes the image tables into
+`codes-<key16>.shards/index.h5` before any compute. Codes go into fixed-size
+shards: each shard is written to a temporary file, fsynced and renamed into
+place, so a shard file that exists is complete, and it carries the sha256 of
+each of its arrays. A killed run resumes by skipping the shards it finds.
+Finishing adds the virtual datasets to the index file and renames it to the
+final name; it reads no codes and copies none, so it costs about the same at
+any size. A file with the final name is therefore always complete.
 """
 
 from __future__ import annotations
@@ -28,9 +43,10 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +57,7 @@ import numpy as np
 import numpy.typing as npt
 
 from features.atomic import (
-    atomic_open,
     atomic_path,
-    check_free_space,
     make_folder,
     output_error,
     write_text,
@@ -58,7 +72,8 @@ from features.errors import (
 log = logging.getLogger(__name__)
 
 FORMAT = "quadrant-codes"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SHARD_FORMAT = "quadrant-codes-shard"
 _CHUNK_BYTES = 1 << 20
 _STR = h5py.string_dtype()
 
@@ -67,6 +82,11 @@ def cache_key(provenance: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of everything that determines the codes."""
     text = json.dumps(provenance, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def shards_folder(final: Path) -> Path:
+    """The folder of shard files that belongs to the cache file `final`."""
+    return Path(final).with_suffix(".shards")
 
 
 @dataclass(frozen=True)
@@ -95,15 +115,21 @@ class ImageTable:
     row_view: npt.NDArray[np.int16]
 
 
+# Rows whose image failed to decode, per shard: {row: reason}.
+Failures = dict[int, str]
+
+
 # ---------------------------------------------------------------------------
 # Shards
 
 
 class ShardStore:
-    """The `<cache>.parts/` folder of committed shards, held under a lock.
+    """The `<cache>.shards/` folder of committed shards.
 
-    Use as a context manager; the lock stops a second process from extracting
-    the same codes at the same time.
+    Use as a context manager. The owner (the only process of a run, or rank 0
+    of a torchrun job) holds a lock that stops a second job from extracting
+    the same codes at the same time, and creates or checks the folder's
+    manifest; the other ranks of its job open the folder without the lock.
     """
 
     def __init__(
@@ -115,6 +141,9 @@ class ShardStore:
         shard_rows: int,
         specs: Sequence[CodeSpec],
         dtype: str,
+        compression: str = "none",
+        owner: bool = True,
+        rank: int = 0,
     ) -> None:
         self.parts = parts
         self.key = key
@@ -122,6 +151,9 @@ class ShardStore:
         self.shard_rows = shard_rows
         self.specs = tuple(specs)
         self.dtype = np.dtype(dtype)
+        self.compression = None if compression == "none" else compression
+        self.owner = owner
+        self.rank = rank
         self.finished = False
         self._lock = filelock.FileLock(str(parts) + ".lock")
 
@@ -133,18 +165,26 @@ class ShardStore:
         """Bytes the codes of `rows` rows take, every array together."""
         return rows * sum(s.dims for s in self.specs) * self.dtype.itemsize
 
+    @property
+    def index(self) -> Path:
+        """The image tables, written before compute; finishing publishes it."""
+        return self.parts / "index.h5"
+
     def rows(self, shard: int) -> range:
         return range(
             shard * self.shard_rows, min(self.n_rows, (shard + 1) * self.shard_rows)
         )
 
     def __enter__(self) -> ShardStore:
+        if not self.owner:
+            self._check_manifest()
+            return self
         make_folder(self.parts.parent, setting="extract.cache_dir")
         try:
             self._lock.acquire(timeout=0)
         except filelock.Timeout:
             raise CacheLockedError(
-                f"another quadrant process is extracting into {self.parts}; wait "
+                f"another quadrant job is extracting into {self.parts}; wait "
                 f"for it to finish (or, if none runs, delete {self._lock.lock_file})"
             ) from None
         except OSError as err:  # a read-only or full cache folder
@@ -155,6 +195,8 @@ class ShardStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if not self.owner:
+            return
         self._lock.release()
         if self.finished:
             # NOTE: a lock file outliving its cache only confuses; a process
@@ -170,45 +212,87 @@ class ShardStore:
             "specs": [asdict(s) for s in self.specs],
         }
 
+    def _read_manifest(self) -> Any:
+        try:
+            return json.loads((self.parts / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return None
+
     def _open_manifest(self) -> None:
-        path = self.parts / "manifest.json"
         wanted = json.loads(json.dumps(self._manifest()))  # tuples as lists
-        if path.is_file():
-            try:
-                found = json.loads(path.read_text())
-            except (OSError, ValueError):
-                found = None
-            if found == wanted:
-                return
+        found = self._read_manifest()
+        if found == wanted:
+            # NOTE: under the lock, before any rank of this job writes, every
+            # temporary file here is a killed process's (of any machine).
+            for leftover in self.parts.glob(".*.tmp-*"):
+                leftover.unlink(missing_ok=True)
+            return
+        if found is not None or self.parts.exists():
             log.warning(
                 "discarding shards in %s written with other settings", self.parts
             )
             shutil.rmtree(self.parts)
         make_folder(self.parts)
-        write_text(path, json.dumps(wanted, indent=1))
+        write_text(self.parts / "manifest.json", json.dumps(wanted, indent=1))
 
-    def _shard_path(self, shard: int) -> Path:
-        return self.parts / f"shard-{shard:06d}.npz"
+    def _check_manifest(self) -> None:
+        if self._read_manifest() != json.loads(json.dumps(self._manifest())):
+            raise CacheMismatchError(
+                f"{self.parts}/manifest.json does not describe the shards this "
+                "process would write: the ranks of this job disagree on the "
+                "settings. Run every rank with the same conf.toml and quadrant "
+                "version."
+            )
 
-    def committed(self) -> list[int]:
-        """Shards already on disk and readable; unreadable ones are removed."""
-        done = []
-        for shard in range(self.n_shards):
-            path = self._shard_path(shard)
-            if path.is_file():
-                if self._readable(shard):
-                    done.append(shard)
-                else:
-                    log.warning("shard %s is unreadable; computing it again", path)
-                    path.unlink()
+    def shard_name(self, shard: int) -> str:
+        return f"shard-{shard:06d}.h5"
+
+    def shard_path(self, shard: int) -> Path:
+        return self.parts / self.shard_name(shard)
+
+    def committed(self, shards: Iterable[int] | None = None) -> dict[int, Failures]:
+        """Committed shards among `shards` (all by default) and their failures.
+
+        A shard is checked by its header (key, index, array shapes), not by
+        re-reading its codes (`verify` does that); a shard that fails the
+        check is removed, to be computed again.
+        """
+        done: dict[int, Failures] = {}
+        for shard in range(self.n_shards) if shards is None else shards:
+            path = self.shard_path(shard)
+            if not path.is_file():
+                continue
+            try:
+                done[shard] = self._failures(shard)
+            except Exception as err:  # noqa: BLE001 - any failure: compute it again
+                log.warning(
+                    "shard %s is unreadable (%s); computing it again", path, err
+                )
+                path.unlink(missing_ok=True)
         return done
 
-    def _readable(self, shard: int) -> bool:
-        try:
-            self.read(shard)
-        except Exception:  # noqa: BLE001 - any failure means "compute it again"
-            return False
-        return True
+    def _failures(self, shard: int) -> Failures:
+        with h5py.File(self.shard_path(shard), "r") as h5:
+            self._check_shard(h5, shard)
+            ok = h5["ok"][:]
+            failed = np.flatnonzero(~ok)
+            reasons = h5["reasons"].asstr()[:] if len(failed) else []
+        start = self.rows(shard).start
+        return {start + int(i): str(reasons[i]) for i in failed}
+
+    def _check_shard(self, h5: h5py.File, shard: int) -> None:
+        n = len(self.rows(shard))
+        if h5.attrs.get("format") != SHARD_FORMAT or h5.attrs.get("key") != self.key:
+            raise CacheCorruptError(f"{h5.filename} is not a shard of key {self.key}")
+        if int(h5.attrs.get("shard", -1)) != shard:
+            raise CacheCorruptError(f"{h5.filename} is not shard {shard}")
+        for spec in self.specs:
+            if h5[f"codes/{spec.name}"].shape != (n, spec.dims):
+                raise CacheCorruptError(
+                    f"{h5.filename}: {spec.name} has the wrong shape"
+                )
+        if h5["ok"].shape != (n,) or h5["reasons"].shape != (n,):
+            raise CacheCorruptError(f"{h5.filename}: row flags have the wrong length")
 
     def write(
         self,
@@ -217,177 +301,301 @@ class ShardStore:
         ok: npt.NDArray[np.bool_],
         reasons: Sequence[str],
     ) -> None:
-        """Commit one shard atomically (temporary file, fsync, rename)."""
+        """Commit one shard atomically (temporary file, fsync, rename).
+
+        Each array's sha256 is recorded beside it, for `verify`.
+        """
         n = len(self.rows(shard))
         arrays = {
-            f"codes/{name}": codes[name].astype(self.dtype, copy=False)
-            for name in (s.name for s in self.specs)
+            s.name: np.ascontiguousarray(codes[s.name], dtype=self.dtype)
+            for s in self.specs
         }
-        for name, array in arrays.items():
-            if array.shape[0] != n:
-                raise AssertionError(
-                    f"shard {shard}: {name} has {array.shape[0]} rows, not {n}"
-                )
-        arrays["ok"] = ok
-        arrays["reasons"] = np.asarray(list(reasons), dtype=str)
-        with atomic_open(self._shard_path(shard), "wb") as handle:
-            np.savez(handle, **arrays)  # type: ignore[arg-type]
+        for spec in self.specs:
+            if arrays[spec.name].shape != (n, spec.dims):
+                raise AssertionError(f"shard {shard}: {spec.name} has the wrong shape")
+        with atomic_path(self.shard_path(shard)) as tmp, h5py.File(tmp, "w") as h5:
+            for name, array in arrays.items():
+                self._write_array(h5, f"codes/{name}", array)
+            h5.create_dataset("ok", data=np.asarray(ok, dtype=bool))
+            _write_strings(h5, "reasons", list(reasons))
+            h5.attrs.update(
+                {
+                    "format": SHARD_FORMAT,
+                    "key": self.key,
+                    "shard": shard,
+                    "rank": self.rank,  # which process wrote it (for the record)
+                }
+            )
+
+    def _write_array(self, h5: h5py.File, name: str, array: npt.NDArray[Any]) -> None:
+        rows, dims = array.shape
+        chunks = _chunks(rows, dims, self.dtype) if self.compression else None
+        dataset = h5.create_dataset(
+            name, data=array, chunks=chunks, compression=self.compression
+        )
+        dataset.attrs["sha256"] = hashlib.sha256(array.tobytes()).hexdigest()
 
     def read(
         self, shard: int
     ) -> tuple[dict[str, npt.NDArray[Any]], npt.NDArray[np.bool_], list[str]]:
         """The codes, decode flags and failure reasons of one committed shard."""
-        n = len(self.rows(shard))
-        with np.load(self._shard_path(shard), allow_pickle=False) as data:
-            codes = {s.name: data[f"codes/{s.name}"] for s in self.specs}
-            ok, reasons = data["ok"], [str(r) for r in data["reasons"]]
-        for spec in self.specs:
-            if codes[spec.name].shape != (n, spec.dims):
-                raise CacheCorruptError(
-                    f"shard {shard}: {spec.name} has the wrong shape"
-                )
-        if ok.shape != (n,) or len(reasons) != n:
-            raise CacheCorruptError(f"shard {shard}: row flags have the wrong length")
+        with h5py.File(self.shard_path(shard), "r") as h5:
+            self._check_shard(h5, shard)
+            codes = {s.name: h5[f"codes/{s.name}"][:] for s in self.specs}
+            ok = h5["ok"][:]
+            reasons = [str(r) for r in h5["reasons"].asstr()[:]]
         return codes, ok, reasons
 
 
+def _chunks(rows: int, dims: int, dtype: np.dtype[Any]) -> tuple[int, int] | None:
+    """HDF5 chunks of about 1 MiB of whole rows (None for an empty array)."""
+    if rows == 0:
+        return None
+    return max(1, min(rows, _CHUNK_BYTES // max(1, dims * dtype.itemsize))), dims
+
+
 # ---------------------------------------------------------------------------
-# Assembly
+# The index file (written before compute) and finishing (linking)
 
 
-def assemble(
+def write_index(
+    store: ShardStore,
+    table: ImageTable,
+    *,
+    skipped: Sequence[tuple[str, str]],
+    attrs: Mapping[str, str],
+) -> Path:
+    """Write the listed images and rows to `store.index`, atomically.
+
+    Written by the owner before any compute (and again on every run, so a
+    run killed while finishing leaves nothing half-modified behind); the
+    other ranks read the image list from it instead of listing the files.
+    """
+    with atomic_path(store.index) as tmp, h5py.File(tmp, "w") as h5:
+        _write_strings(h5, "listed/path", table.paths)
+        h5.create_dataset("listed/label", data=np.asarray(table.labels, np.int64))
+        _write_strings(h5, "listed/split", table.splits)
+        h5.create_dataset(
+            "listed/row_image", data=np.asarray(table.row_image, np.int64)
+        )
+        h5.create_dataset("listed/row_view", data=np.asarray(table.row_view, np.int16))
+        _write_strings(h5, "listed/skipped_path", [p for p, _ in skipped])
+        _write_strings(h5, "listed/skipped_reason", [r for _, r in skipped])
+        h5.attrs.update(dict(attrs))
+    return store.index
+
+
+def read_index(
+    index: Path,
+) -> tuple[ImageTable, list[tuple[str, str]], dict[str, str]]:
+    """The table, listing-time skips and attributes `write_index` wrote."""
+    with h5py.File(index, "r") as h5:
+        g = h5["listed"]
+        table = ImageTable(
+            paths=[str(p) for p in g["path"].asstr()[:]],
+            labels=g["label"][:],
+            splits=[str(s) for s in g["split"].asstr()[:]],
+            row_image=g["row_image"][:],
+            row_view=g["row_view"][:],
+        )
+        skipped = _listed_skips(h5)
+        attrs = {k: str(v) for k, v in h5.attrs.items()}
+    return table, skipped, attrs
+
+
+def decode_outcome(
+    table: ImageTable, failures: Mapping[int, str]
+) -> tuple[npt.NDArray[np.bool_], dict[int, str]]:
+    """Which images decoded, and why each one that did not failed.
+
+    Args:
+        failures: rows whose decode failed, with the reason (every view of a
+            failed image fails, since they decode the same file).
+    """
+    image_ok = np.ones(len(table.paths), dtype=bool)
+    reasons: dict[int, str] = {}
+    for row, why in sorted(failures.items()):
+        image = int(table.row_image[row])
+        image_ok[image] = False
+        reasons.setdefault(image, why)
+    return image_ok, reasons
+
+
+def finish(
     store: ShardStore,
     final: Path,
     *,
     table: ImageTable,
-    label_names: Sequence[str],
-    skipped: Sequence[tuple[str, str]],
+    failures: Mapping[int, str],
     provenance: Mapping[str, Any],
     environment: Mapping[str, Any],
+    label_names: Sequence[str],
     data_root: str,
-    compression: str = "none",
 ) -> Path:
-    """Build the final HDF5 file from the shards and rename it into place.
+    """Link the committed shards into the cache file and publish it atomically.
 
-    Images whose decode failed are dropped here (every view of them), and
-    listed under /skipped with the reason.
+    The index file gets one virtual dataset per code array, mapping the
+    decodable rows of every shard, and virtual image tables without the
+    images whose decode failed (listed under /skipped with the reason). No
+    code is read or copied: the cost grows with the number of shards and
+    failures, not with the number of codes.
+
+    Args:
+        failures: the rows whose decode failed, with the reason, over all shards.
     """
-    image_ok, failures = _decode_outcome(store, table)
-    keep = np.flatnonzero(image_ok)
-    new_index = np.full(len(table.paths), -1, dtype=np.int64)
-    new_index[keep] = np.arange(len(keep))
-    row_keep = image_ok[table.row_image]
-    check_free_space(
-        final.parent,
-        store.code_bytes(int(row_keep.sum())),
-        what="the code cache",
-        setting="extract.cache_dir",
-    )
-    with atomic_path(final) as tmp, h5py.File(tmp, "w") as h5:
-        _write_images(h5, table, keep, new_index, row_keep)
-        skipped_all = sorted([*skipped, *failures])
-        _write_strings(h5, "skipped/path", [p for p, _ in skipped_all])
-        _write_strings(h5, "skipped/reason", [r for _, r in skipped_all])
-        n_rows = int(row_keep.sum())
-        _write_codes(h5, store, row_keep, n_rows, compression)
-        h5.attrs.update(
-            {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "key": store.key,
-                "provenance": json.dumps(provenance, sort_keys=True),
-                "environment": json.dumps(environment, sort_keys=True),
-                "label_names": json.dumps(list(label_names)),
-                "code_order": json.dumps([s.name for s in store.specs]),
-                "data_root": data_root,
-                "n_images": len(keep),
-                "n_rows": n_rows,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-        )
-        # Set last: a file without it was not finished (belt and braces, since
-        # the rename that atomic_path does is what publishes the file).
-        h5.attrs["complete"] = True
+    image_ok, reasons = decode_outcome(table, failures)
+    with atomic_path(final) as tmp:
+        os.replace(store.index, tmp)
+        with h5py.File(tmp, "r+") as h5:
+            skipped = sorted(
+                [*_listed_skips(h5), *((table.paths[i], r) for i, r in reasons.items())]
+            )
+            row_keep = _link_tables(h5, table, image_ok)
+            _link_codes(h5, store, row_keep)
+            _write_strings(h5, "skipped/path", [p for p, _ in skipped])
+            _write_strings(h5, "skipped/reason", [r for _, r in skipped])
+            h5.attrs.update(
+                {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "key": store.key,
+                    "provenance": json.dumps(provenance, sort_keys=True),
+                    "environment": json.dumps(environment, sort_keys=True),
+                    "label_names": json.dumps(list(label_names)),
+                    "code_order": json.dumps([s.name for s in store.specs]),
+                    "data_root": data_root,
+                    "n_images": int(image_ok.sum()),
+                    "n_rows": len(h5["rows/view"]),
+                    "shards": store.parts.name,
+                    "n_shards": store.n_shards,
+                    "shard_rows": store.shard_rows,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+            )
+            # Set last: a file without it was not finished (belt and braces,
+            # since the rename that atomic_path does is what publishes it).
+            h5.attrs["complete"] = True
     store.finished = True
-    shutil.rmtree(store.parts, ignore_errors=True)
     return final
 
 
-def _decode_outcome(
-    store: ShardStore, table: ImageTable
-) -> tuple[npt.NDArray[np.bool_], list[tuple[str, str]]]:
-    image_ok = np.ones(len(table.paths), dtype=bool)
-    failures: dict[int, str] = {}
-    for shard in range(store.n_shards):
-        _, ok, reasons = store.read(shard)
-        rows = np.asarray(store.rows(shard))
-        for row in rows[~ok]:
-            image = int(table.row_image[row])
-            image_ok[image] = False
-            failures.setdefault(image, reasons[row - rows[0]])
-    return image_ok, [(table.paths[i], r) for i, r in sorted(failures.items())]
+def _listed_skips(h5: h5py.File) -> list[tuple[str, str]]:
+    g = h5["listed"]
+    return list(
+        zip(
+            (str(p) for p in g["skipped_path"].asstr()[:]),
+            (str(r) for r in g["skipped_reason"].asstr()[:]),
+            strict=True,
+        )
+    )
 
 
-def _write_images(
-    h5: h5py.File,
-    table: ImageTable,
-    keep: npt.NDArray[np.int64],
-    new_index: npt.NDArray[np.int64],
-    row_keep: npt.NDArray[np.bool_],
+def _link_tables(
+    h5: h5py.File, table: ImageTable, image_ok: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.bool_] | None:
+    """/images and /rows as views of /listed without failed images.
+
+    Returns:
+        Which rows are kept, or None when every image decoded.
+    """
+    all_ok = bool(image_ok.all())
+    row_keep = None if all_ok else image_ok[table.row_image]
+    kept_images = _runs(image_ok)
+    for name in ("path", "label", "split"):
+        _link_same_file(h5, f"images/{name}", f"listed/{name}", kept_images)
+    kept_rows = [(0, len(table.row_image))] if row_keep is None else _runs(row_keep)
+    _link_same_file(h5, "rows/view", "listed/row_view", kept_rows)
+    if all_ok:
+        _link_same_file(h5, "rows/image", "listed/row_image", kept_rows)
+    else:
+        # NOTE: the one table finishing writes row by row, and only when an
+        # image failed: image indices after a dropped image shift down.
+        new_index = np.cumsum(image_ok, dtype=np.int64) - 1
+        h5.create_dataset(
+            "rows/image", data=new_index[table.row_image[row_keep]].astype(np.int64)
+        )
+    return row_keep
+
+
+def _runs(keep: npt.NDArray[np.bool_]) -> list[tuple[int, int]]:
+    """[start, stop) ranges of consecutive True values."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], keep.view(np.int8), [0]])))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def _link_same_file(
+    h5: h5py.File, name: str, source: str, runs: Sequence[tuple[int, int]]
 ) -> None:
-    _write_strings(h5, "images/path", [table.paths[i] for i in keep])
-    h5.create_dataset("images/label", data=table.labels[keep].astype(np.int64))
-    _write_strings(h5, "images/split", [table.splits[i] for i in keep])
-    h5.create_dataset("rows/image", data=new_index[table.row_image[row_keep]])
-    h5.create_dataset("rows/view", data=table.row_view[row_keep].astype(np.int16))
+    src = h5[source]
+    n = sum(b - a for a, b in runs)
+    layout = h5py.VirtualLayout(shape=(n, *src.shape[1:]), dtype=src.dtype)
+    # "." is HDF5's name for the file that holds the virtual dataset itself.
+    vsource = h5py.VirtualSource(".", source, shape=src.shape, dtype=src.dtype)
+    at = 0
+    for a, b in runs:
+        layout[at : at + b - a] = vsource[a:b]
+        at += b - a
+    h5.create_virtual_dataset(name, layout)
 
 
-def _write_strings(h5: h5py.File, name: str, values: Sequence[str]) -> None:
-    h5.create_dataset(name, data=np.asarray(values, dtype=object), dtype=_STR)
-
-
-def _write_codes(
-    h5: h5py.File,
-    store: ShardStore,
-    row_keep: npt.NDArray[np.bool_],
-    n_rows: int,
-    compression: str,
+def _link_codes(
+    h5: h5py.File, store: ShardStore, row_keep: npt.NDArray[np.bool_] | None
 ) -> None:
-    datasets, digests = {}, {}
+    runs = list(_shard_runs(store, row_keep))
+    n_rows = sum(b - a for _, a, b in runs)
     for spec in store.specs:
-        rows_per_chunk = max(
-            1, min(n_rows, _CHUNK_BYTES // (spec.dims * store.dtype.itemsize))
+        layout = h5py.VirtualLayout(shape=(n_rows, spec.dims), dtype=store.dtype)
+        # NOTE: '%' is a format character in HDF5's virtual source names.
+        name = f"codes/{spec.name}".replace("%", "%%")
+        at = 0
+        for shard, a, b in runs:
+            rows = store.rows(shard)
+            source = h5py.VirtualSource(
+                f"{store.parts.name}/{store.shard_name(shard)}",
+                name,
+                shape=(len(rows), spec.dims),
+                dtype=store.dtype,
+            )
+            layout[at : at + b - a] = source[a - rows.start : b - rows.start]
+            at += b - a
+        # NaN, not 0, where a shard is unreadable: a missing file cannot pass
+        # for codes.
+        dataset = h5.create_virtual_dataset(
+            f"codes/{spec.name}", layout, fillvalue=np.nan
         )
-        datasets[spec.name] = h5.create_dataset(
-            f"codes/{spec.name}",
-            shape=(n_rows, spec.dims),
-            dtype=store.dtype,
-            chunks=(rows_per_chunk, spec.dims) if n_rows else None,
-            compression=None if compression == "none" else compression,
-        )
-        datasets[spec.name].attrs.update(
+        chunk = _chunks(store.shard_rows, spec.dims, store.dtype)
+        dataset.attrs.update(
             {
                 "layer": spec.layer,
                 "node": spec.node,
                 "pooling": spec.pooling,
                 "source_shape": list(spec.source_shape),
+                "rows_per_chunk": chunk[0] if chunk else 1,
             }
         )
-        digests[spec.name] = hashlib.sha256()
-    offset = 0
-    # One shard in memory at a time keeps assembly memory flat in dataset size.
+
+
+def _shard_runs(
+    store: ShardStore, row_keep: npt.NDArray[np.bool_] | None
+) -> Iterator[tuple[int, int, int]]:
+    """(shard, first row, stop row) of every run of kept rows within a shard."""
+    touched = (
+        set()
+        if row_keep is None
+        else {int(r) // store.shard_rows for r in np.flatnonzero(~row_keep)}
+    )
     for shard in range(store.n_shards):
-        codes, _, _ = store.read(shard)
         rows = store.rows(shard)
-        mask = row_keep[rows.start : rows.stop]
-        count = int(mask.sum())
-        for name, array in codes.items():
-            block = np.ascontiguousarray(array[mask])
-            datasets[name][offset : offset + count] = block
-            digests[name].update(block.tobytes())
-        offset += count
-    for name, digest in digests.items():
-        datasets[name].attrs["sha256"] = digest.hexdigest()
+        if shard not in touched:
+            yield shard, rows.start, rows.stop
+            continue
+        assert row_keep is not None
+        for a, b in _runs(row_keep[rows.start : rows.stop]):
+            yield shard, rows.start + a, rows.start + b
+
+
+def _write_strings(h5: h5py.File, name: str, values: Sequence[str]) -> None:
+    h5.create_dataset(name, data=np.asarray(values, dtype=object), dtype=_STR)
 
 
 # ---------------------------------------------------------------------------
@@ -399,7 +607,10 @@ def open_cache(path: Path) -> Iterator[h5py.File]:
     """Open a finished cache file for reading.
 
     Raises:
-        CacheCorruptError: the file is not a complete quadrant cache.
+        StageInputError: the file does not exist.
+        CacheCorruptError: the file is not a complete quadrant cache, or shard
+            files it links are missing.
+        CacheMismatchError: the file has another format version.
     """
     path = Path(path)
     if not path.is_file():
@@ -415,6 +626,7 @@ def open_cache(path: Path) -> Iterator[h5py.File]:
         ) from err
     try:
         _check_header(path, h5)
+        _check_shards_present(path, h5)
         yield h5
     finally:
         h5.close()
@@ -427,11 +639,45 @@ def _check_header(path: Path, h5: h5py.File) -> None:
     if version != FORMAT_VERSION:
         raise CacheMismatchError(
             f"{path} has cache format version {version}; this quadrant reads "
-            f"version {FORMAT_VERSION}. Run `quadrant extract` to rebuild it."
+            f"version {FORMAT_VERSION} (codes in shard files linked by one small "
+            "file). Fix: re-extract: run `quadrant extract` with the same "
+            "conf.toml, which writes a new cache beside it; then delete this file."
         )
     if not h5.attrs.get("complete", False):
         raise CacheCorruptError(
             f"{path} was not finished; delete it and run `quadrant extract` again"
+        )
+
+
+def _virtual_codes(h5: h5py.File) -> bool:
+    order = json.loads(h5.attrs.get("code_order", "[]"))
+    return bool(order) and h5[f"codes/{order[0]}"].is_virtual
+
+
+def _check_shards_present(path: Path, h5: h5py.File) -> None:
+    """Refuse a cache whose shard files are not beside it.
+
+    NOTE: HDF5 reads a missing virtual source as fill values, and looks for
+    relative source paths in the working folder too: a moved or copied cache
+    file without its shards would otherwise read as NaN or as another cache's
+    codes.
+    """
+    if not _virtual_codes(h5):
+        return
+    folder = path.parent / str(h5.attrs["shards"])
+    names = set(os.listdir(folder)) if folder.is_dir() else set()
+    missing = [
+        name
+        for name in (f"shard-{i:06d}.h5" for i in range(int(h5.attrs["n_shards"])))
+        if name not in names
+    ]
+    if missing:
+        raise CacheCorruptError(
+            f"{path} links its codes to {int(h5.attrs['n_shards'])} shard files in "
+            f"{folder}, and {len(missing)} are missing (e.g. {missing[0]}): the "
+            "cache file was moved or copied without its shards folder. Fix: keep "
+            f"{folder.name}/ beside {path.name} (move or copy both), or delete "
+            "both and run `quadrant extract` again."
         )
 
 
@@ -463,6 +709,7 @@ def read_info(path: Path) -> CacheInfo:
         splits = h5["images/split"].asstr()[:]
         values, counts = np.unique(splits, return_counts=True)
         first = next(iter(datasets), None)
+        shards = Path(path).parent / str(h5.attrs.get("shards", ""))
         return CacheInfo(
             path=Path(path),
             key=str(h5.attrs["key"]),
@@ -477,24 +724,31 @@ def read_info(path: Path) -> CacheInfo:
             environment=json.loads(h5.attrs["environment"]),
             data_root=str(h5.attrs["data_root"]),
             created=str(h5.attrs["created"]),
-            size_bytes=Path(path).stat().st_size,
+            size_bytes=Path(path).stat().st_size + _folder_bytes(shards),
         )
 
 
-def verify(path: Path) -> list[str]:
-    """Check a cache file end to end; return the problems found (empty: sound).
+def _folder_bytes(folder: Path) -> int:
+    if not folder.is_dir() or folder == folder.parent:
+        return 0
+    return sum(entry.stat().st_size for entry in os.scandir(folder) if entry.is_file())
 
-    Re-reads every code array and compares its sha256 with the one recorded at
-    write time, and checks that every array agrees on the number of rows.
+
+def verify(path: Path) -> list[str]:
+    """Check a cache end to end; return the problems found (empty: sound).
+
+    Checks that every table agrees on the number of rows, then re-reads every
+    shard: its header (key, index, shapes) and the sha256 of each of its code
+    arrays against the one recorded when the shard was written.
     """
     problems: list[str] = []
     try:
         with open_cache(path) as h5:
             problems += _verify_tables(h5)
-            for name, expected in _code_digests(h5).items():
-                actual = _digest_dataset(h5[f"codes/{name}"])
-                if actual != expected:
-                    problems.append(f"codes/{name}: checksum mismatch (data corrupted)")
+            if _virtual_codes(h5):
+                problems += _verify_shards(Path(path), h5)
+            else:
+                problems += _verify_plain(h5)
     except (CacheCorruptError, CacheMismatchError) as err:
         problems.append(str(err))
     except (OSError, KeyError, ValueError) as err:
@@ -514,22 +768,60 @@ def _verify_tables(h5: h5py.File) -> list[str]:
     ):
         if name not in h5 or len(h5[name]) != expected:
             problems.append(f"{name}: expected {expected} entries")
-    for name in _code_digests(h5):
+    for name in json.loads(h5.attrs["code_order"]):
         if h5[f"codes/{name}"].shape[0] != n_rows:
             problems.append(f"codes/{name}: expected {n_rows} rows")
     return problems
 
 
-def _code_digests(h5: h5py.File) -> dict[str, str]:
-    found: dict[str, str] = {}
-    h5["codes"].visititems(
-        lambda name, obj: (
-            found.__setitem__(name, str(obj.attrs.get("sha256", "")))
-            if isinstance(obj, h5py.Dataset)
-            else None
-        )
+def _verify_shards(path: Path, h5: h5py.File) -> list[str]:
+    """Every shard's header and checksums; one line per bad shard."""
+    order = json.loads(h5.attrs["code_order"])
+    store = ShardStore(
+        path.parent / str(h5.attrs["shards"]),
+        key=str(h5.attrs["key"]),
+        n_rows=len(h5["listed/row_image"]),
+        shard_rows=int(h5.attrs["shard_rows"]),
+        specs=[
+            CodeSpec("", "", "", int(h5[f"codes/{name}"].shape[1]), ())
+            for name in order
+        ],
+        dtype=str(h5[f"codes/{order[0]}"].dtype),
     )
-    return found
+    problems = []
+    for shard in range(store.n_shards):
+        problem = _verify_shard(store, shard, order)
+        if problem:
+            problems.append(f"{store.parts.name}/{store.shard_name(shard)}: {problem}")
+    return problems
+
+
+def _verify_shard(store: ShardStore, shard: int, order: Sequence[str]) -> str:
+    n = len(store.rows(shard))
+    try:
+        with h5py.File(store.shard_path(shard), "r") as h5:
+            if h5.attrs.get("key") != store.key or h5.attrs.get("shard") != shard:
+                return f"not shard {shard} of key {store.key[:16]}"
+            for name, spec in zip(order, store.specs, strict=True):
+                dataset = h5[f"codes/{name}"]
+                if dataset.shape != (n, spec.dims):
+                    return f"codes/{name} has shape {dataset.shape}"
+                if _digest_dataset(dataset) != dataset.attrs.get("sha256"):
+                    return f"codes/{name}: checksum mismatch (data corrupted)"
+    except (OSError, KeyError, ValueError) as err:
+        return f"unreadable ({type(err).__name__}: {err})"
+    return ""
+
+
+def _verify_plain(h5: h5py.File) -> list[str]:
+    """Code arrays stored whole (no shards): the array-wide sha256, if any."""
+    problems = []
+    for name in json.loads(h5.attrs["code_order"]):
+        dataset = h5[f"codes/{name}"]
+        expected = dataset.attrs.get("sha256")
+        if expected is not None and _digest_dataset(dataset) != expected:
+            problems.append(f"codes/{name}: checksum mismatch (data corrupted)")
+    return problems
 
 
 def _digest_dataset(dataset: h5py.Dataset) -> str:

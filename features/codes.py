@@ -261,7 +261,10 @@ def _read_rows(
 
 
 def _chunk_rows(dataset: h5py.Dataset) -> int:
-    return int(dataset.chunks[0]) if dataset.chunks else 4096
+    """Rows per read: the HDF5 chunk, or about 1 MiB for a linked (virtual) array."""
+    if dataset.chunks:
+        return int(dataset.chunks[0])
+    return int(dataset.attrs.get("rows_per_chunk", 4096))
 
 
 def _by_chunk(

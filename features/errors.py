@@ -57,6 +57,10 @@ class CacheLockedError(CacheError, OSError):
     """Another process is writing the cache this process wants."""
 
 
+class DistributedError(PipelineError, RuntimeError):
+    """Another process of a torchrun job stopped it; the message says why."""
+
+
 class OutputError(PipelineError, OSError):
     """A result cannot be written: full disk, read-only folder, a file in the way."""
 

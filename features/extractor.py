@@ -9,10 +9,18 @@ pass, and a killed call resumes from its last committed shard.
 Determinism: batches are formed from the global row order and shards hold a
 whole number of batches, so a resumed run feeds the network exactly the
 batches an uninterrupted run would have, and writes the same values.
+
+Many processes (torchrun): rank 0 lists the images and writes them to the
+cache's index file, the other ranks read them there; the missing shards are
+dealt out among the ranks, each writes its own, and rank 0 links them into
+the cache file at the end. Since a shard's values depend only on its rows,
+the cache equals a one-process run's value for value, and a killed job
+resumes with any number of processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -38,20 +46,37 @@ from features.backbones import Backbone
 from features.cache import (
     FORMAT_VERSION,
     CodeSpec,
+    Failures,
     ImageTable,
     ShardStore,
-    assemble,
     cache_key,
+    decode_outcome,
+    finish,
     open_cache,
+    read_index,
+    shards_folder,
+    write_index,
 )
-from features.data import ImageSet
+from features.data import ImageRecord, ImageSet, Skipped
 from features.devices import (
     PRECISION_DTYPES,
     default_workers,
     resolve_device,
     resolve_precision,
 )
-from features.errors import BackboneError, CacheMismatchError, ImageDecodeError
+from features.distributed import (
+    World,
+    gather_text,
+    process_device,
+    run_on_main,
+    share_text,
+)
+from features.errors import (
+    BackboneError,
+    CacheMismatchError,
+    DistributedError,
+    ImageDecodeError,
+)
 from features.images import DEFAULT_MAX_PIXELS, decode_image
 from features.layers import (
     as_nchw,
@@ -267,75 +292,270 @@ def plan_codes(
 
 
 def extract_codes(
-    images: ImageSet,
+    images: ImageSet | None,
     model: CodeModel,
     *,
     options: ExtractOptions,
     cache_dir: Path,
+    world: World | None = None,
 ) -> ExtractResult:
     """Compute (or find) the cached codes of `images`.
 
     Args:
-        images: the checked, split images.
+        images: the checked, split images; None on the ranks other than 0 of
+            a torchrun job, which read the list rank 0 made instead of
+            listing the files again.
         model: the frozen backbone cut at the requested layers, with pooling
             (build it first: an unknown layer fails there, before any image
             is read).
         options: forward-pass and storage options.
         cache_dir: folder of cache files, one per key.
+        world: this process's place in a torchrun job (`join_world()`); one
+            process when omitted.
 
     Returns:
         The cache file and what was done; `reused` is True when no forward pass
         ran.
 
     Raises:
-        CacheLockedError: another process is extracting the same codes.
+        CacheLockedError: another job is extracting the same codes.
+        DistributedError: another rank of this job failed first.
     """
+    world = world or World()
     start = time.perf_counter()
-    device = resolve_device(options.device)
+    device = process_device(resolve_device(options.device), world)
     precision = resolve_precision(options.precision, device)
-    table = image_table(images, options.views)
-    plan = plan_codes(images, model, options, cache_dir)
-    key, provenance, final = plan.key, plan.provenance, plan.path
-    if final.exists():
-        return _reuse(final, key, start)
+    with contextlib.ExitStack() as stack:
+        job = _open_job(images, model, options, cache_dir, world, stack)
+        if isinstance(job, tuple):  # the cache exists: nothing to compute
+            return _reuse(*job, start)
+        computed, failures = _run_shards(job, model, options, device, precision, world)
+        failures = _finish_job(job, failures, device, world)
+    return _computed_result(job, failures, computed, start)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One extraction in progress: its plan, shards and images."""
+
+    plan: CodePlan
+    store: ShardStore
+    table: ImageTable
+    images: ImageSet
+
+
+def _open_job(
+    images: ImageSet | None,
+    model: CodeModel,
+    options: ExtractOptions,
+    cache_dir: Path,
+    world: World,
+    stack: contextlib.ExitStack,
+) -> _Job | tuple[Path, str]:
+    """Rank 0 plans the cache, locks it and writes the image list to its index;
+    the other ranks read the list from there. (final, key) if it exists."""
+
+    def lead() -> _Job | CodePlan:
+        if images is None:
+            raise AssertionError("rank 0 of a job needs the listed images")
+        plan = plan_codes(images, model, options, cache_dir)
+        if plan.path.exists():
+            return plan
+        table = image_table(images, options.views)
+        store = stack.enter_context(_store(plan, model, options, table, world))
+        if plan.path.exists():  # another job finished it just before the lock
+            return plan
+        listing = {
+            "root": str(images.root),
+            "label_names": list(images.label_names),
+            "fingerprint": images.fingerprint,
+        }
+        write_index(
+            store,
+            table,
+            skipped=[(s.path, s.reason) for s in images.skipped],
+            attrs={"listing": json.dumps(listing)},
+        )
+        return _Job(plan, store, table, images)
+
+    led = run_on_main(world, lead)
+    text = None
+    if led is not None:
+        plan = led.plan if isinstance(led, _Job) else led
+        text = json.dumps({"key": plan.key, "reused": not isinstance(led, _Job)})
+    message = json.loads(share_text(world, text))
+    final = Path(cache_dir) / f"codes-{message['key'][:16]}.h5"
+    if message["reused"]:
+        return final, message["key"]
+    if isinstance(led, _Job):
+        return led
+    return _join_job(final, message["key"], model, options, world, stack)
+
+
+def _join_job(
+    final: Path,
+    key: str,
+    model: CodeModel,
+    options: ExtractOptions,
+    world: World,
+    stack: contextlib.ExitStack,
+) -> _Job:
+    """A rank other than 0: the job from the image list rank 0 wrote.
+
+    Raises:
+        DistributedError: this rank's settings give another cache key.
+    """
+    table, skipped, attrs = read_index(_wait_for(shards_folder(final) / "index.h5"))
+    listing = json.loads(attrs["listing"])
+    images = ImageSet(
+        Path(listing["root"]),
+        tuple(
+            ImageRecord(p, int(label), s)
+            for p, label, s in zip(table.paths, table.labels, table.splits, strict=True)
+        ),
+        tuple(listing["label_names"]),
+        tuple(Skipped(p, r) for p, r in skipped),
+        listing["fingerprint"],
+    )
+    plan = plan_codes(images, model, options, final.parent)
+    if plan.key != key:
+        raise DistributedError(
+            f"rank {world.rank} computes cache key {plan.key[:16]} where rank 0 "
+            f"computed {key[:16]}: the ranks differ in settings, quadrant version "
+            "or backbone weights. Run every rank with the same conf.toml and "
+            "software."
+        )
+    store = stack.enter_context(_store(plan, model, options, table, world))
+    return _Job(plan, store, table, images)
+
+
+def _wait_for(path: Path, seconds: float = 120.0) -> Path:
+    """`path`, once this machine sees it.
+
+    NOTE: on a network file system another machine's new file can stay
+    invisible here for up to a minute (cached directory attributes).
+    """
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise DistributedError(
+                f"{path} (written by rank 0) is not visible from this machine "
+                f"after {seconds:.0f} s: extract.cache_dir must be on a file "
+                "system every machine of the job shares"
+            )
+        time.sleep(0.5)
+    return path
+
+
+def _store(
+    plan: CodePlan,
+    model: CodeModel,
+    options: ExtractOptions,
+    table: ImageTable,
+    world: World,
+) -> ShardStore:
+    # Shards hold whole batches, so batches never straddle two shards.
     shard_rows = options.batch_size * max(
         1, round(options.shard_size / options.batch_size)
     )
-    store = ShardStore(
-        final.with_suffix(".parts"),
-        key=key,
+    return ShardStore(
+        shards_folder(plan.path),
+        key=plan.key,
         n_rows=len(table.row_image),
         shard_rows=shard_rows,
         specs=model.specs,
         dtype=options.dtype,
+        compression=options.compression,
+        owner=world.main,
+        rank=world.rank,
     )
-    with store:
-        if final.exists():  # another process finished it while we waited
-            return _reuse(final, key, start)
-        todo = sorted(set(range(store.n_shards)) - set(store.committed()))
-        computed = sum(len(store.rows(s)) for s in todo)
-        # The shards still to write, then the assembled file: known now, so
-        # a disk too small fails before the forward pass rather than after.
-        check_free_space(
-            store.parts,
-            store.code_bytes(computed) + store.code_bytes(store.n_rows),
-            what="the codes",
-            setting="extract.cache_dir",
+
+
+def _run_shards(
+    job: _Job,
+    model: CodeModel,
+    options: ExtractOptions,
+    device: torch.device,
+    precision: str,
+    world: World,
+) -> tuple[int, Failures]:
+    """Compute this rank's share of the missing shards.
+
+    Each rank checks every size-th shard for a committed file, the missing
+    ones are pooled, and rank r computes every size-th of those: the shares
+    stay even after a resume, whichever ranks had finished what.
+
+    Returns:
+        The rows computed by the whole job, and the failed decodes this rank
+        knows of.
+    """
+    store = job.store
+    mine = range(world.rank, store.n_shards, world.size)
+    done = store.committed(mine)
+    failures = {row: why for found in done.values() for row, why in found.items()}
+    missing = [s for s in mine if s not in done]
+    todo = sorted(
+        s for text in gather_text(world, json.dumps(missing)) for s in json.loads(text)
+    )
+    assigned = todo[world.rank :: world.size]
+    # Every rank's shards land in the one shared folder: known now, so a disk
+    # too small fails before the forward pass rather than part way through.
+    check_free_space(
+        store.parts,
+        store.code_bytes(sum(len(store.rows(s)) for s in todo)),
+        what="the codes",
+        setting="extract.cache_dir",
+    )
+    if world.main and world.size > 1:
+        log.info(
+            "%d of %d shards to compute on %d processes",
+            len(todo),
+            store.n_shards,
+            world.size,
         )
-        if todo:
-            _forward(model, images, table, store, todo, options, device, precision)
-        assemble(
+    if assigned:
+        failures |= _forward(
+            model,
+            job.images,
+            job.table,
             store,
-            final,
-            table=table,
-            label_names=images.label_names,
-            skipped=[(s.path, s.reason) for s in images.skipped],
-            provenance=provenance,
-            environment=_environment(device),
-            data_root=str(images.root),
-            compression=options.compression,
+            assigned,
+            options,
+            device,
+            precision,
+            world,
         )
-    return _result(final, key, reused=False, start=start, computed=computed)
+    return sum(len(store.rows(s)) for s in todo), failures
+
+
+def _finish_job(
+    job: _Job, failures: Failures, device: torch.device, world: World
+) -> Failures:
+    """Rank 0 links the shards of every rank into the cache file.
+
+    Returns:
+        The failed decodes of the whole job.
+    """
+    every: Failures = {}
+    for text in gather_text(
+        world, json.dumps({str(r): w for r, w in failures.items()})
+    ):
+        every.update({int(r): w for r, w in json.loads(text).items()})
+    images = job.images
+    run_on_main(
+        world,
+        lambda: finish(
+            job.store,
+            job.plan.path,
+            table=job.table,
+            failures=every,
+            provenance=job.plan.provenance,
+            environment=_environment(device, world),
+            label_names=images.label_names,
+            data_root=str(images.root),
+        ),
+    )
+    return every
 
 
 def _reuse(final: Path, key: str, start: float) -> ExtractResult:
@@ -346,6 +566,34 @@ def _reuse(final: Path, key: str, start: float) -> ExtractResult:
             )
     log.info("codes are cached in %s (key %s): no forward pass", final, key[:16])
     return _result(final, key, reused=True, start=start, computed=0)
+
+
+def _computed_result(
+    job: _Job, failures: Failures, computed: int, start: float
+) -> ExtractResult:
+    """The result of a run that computed codes, from what every rank knows.
+
+    NOTE: built without reading the new file: on a network file system
+    shards other machines just wrote may not be listed here yet.
+    """
+    image_ok, reasons = decode_outcome(job.table, failures)
+    skipped = sorted(
+        [
+            *((s.path, s.reason) for s in job.images.skipped),
+            *((job.table.paths[i], r) for i, r in reasons.items()),
+        ]
+    )
+    return ExtractResult(
+        job.plan.path,
+        job.plan.key,
+        False,
+        int(image_ok.sum()),
+        int(image_ok[job.table.row_image].sum()),
+        job.store.specs,
+        tuple(skipped),
+        time.perf_counter() - start,
+        computed,
+    )
 
 
 def _result(
@@ -392,19 +640,26 @@ def _forward(
     options: ExtractOptions,
     device: torch.device,
     precision: str,
-) -> None:
+    world: World,
+) -> Failures:
+    """Compute and commit the shards `todo`; return their failed decodes."""
     rows = [row for shard in todo for row in store.rows(shard)]
     loader = _loader(model, images, table, rows, options, device)
     compute = _runner(model, store, options, device, precision)
     shards = _ShardBuffer(store)
-    total = len(table.row_image)
+    # One bar per job: rank 0's, counting its own share under torchrun.
+    total = len(table.row_image) if world.size == 1 else len(rows)
     with progress_bar(
-        total, initial=total - len(rows), desc="extract", enabled=options.progress
+        total,
+        initial=total - len(rows),
+        desc="extract" if world.size == 1 else f"extract (rank 0 of {world.size})",
+        enabled=options.progress and world.main,
     ) as bar:
         for batch_rows, pixels, ok, reasons in loader:
             codes = compute(pixels)
             shards.add(batch_rows.numpy(), codes, ok.numpy(), list(reasons))
             bar.update(len(batch_rows))
+    return shards.failures
 
 
 def _runner(
@@ -514,6 +769,7 @@ class _ShardBuffer:
         self.codes: dict[str, npt.NDArray[np.float32]] = {}
         self.ok = np.zeros(0, dtype=bool)
         self.reasons: list[str] = []
+        self.failures: Failures = {}
 
     def add(
         self,
@@ -530,6 +786,8 @@ class _ShardBuffer:
             self.codes[name][offset : offset + len(rows)] = array
         self.ok[offset : offset + len(rows)] = ok
         self.reasons[offset : offset + len(rows)] = reasons
+        for i in np.flatnonzero(~ok):
+            self.failures[int(rows[i])] = reasons[int(i)]
         self.filled += len(rows)
         if self.filled == len(self.store.rows(shard)):
             self.store.write(shard, self.codes, self.ok, self.reasons)
@@ -585,7 +843,7 @@ def image_identity(images: ImageSet) -> dict[str, Any]:
     }
 
 
-def _environment(device: torch.device) -> dict[str, Any]:
+def _environment(device: torch.device, world: World) -> dict[str, Any]:
     """Recorded with the codes but not part of the key: what ran them."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -610,4 +868,5 @@ def _environment(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "device_name": name or platform.machine(),
         "host": platform.node(),
+        "processes": world.size,
     }

@@ -34,7 +34,10 @@ log = logging.getLogger(__name__)
 
 
 def extract(cfg: Config) -> int:
-    """`quadrant extract`."""
+    """`quadrant extract`; under torchrun only rank 0 prints and logs to file."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        extract_stage.run(cfg)
+        return 0
     with run_log(cfg, "extract"):
         result = extract_stage.run(cfg)
     print(format_extract(result))

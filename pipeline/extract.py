@@ -14,6 +14,7 @@ from features.cache import (
     same_codes,
 )
 from features.data import ImageSet
+from features.distributed import World, join_world, leave_world, run_on_main
 from features.errors import CacheMismatchError
 from features.extractor import (
     CodeModel,
@@ -36,36 +37,58 @@ def run(cfg: Config) -> ExtractResult:
     and probed, and only then does the forward pass start, so a wrong layer
     name or a bad data layout fails in seconds.
 
+    Under torchrun every process runs this: rank 0 lists the images once,
+    the ranks split the shards, and rank 0 finishes the cache.
+
     Raises:
         StageInputError: data.root does not exist.
         DataError: no usable images, an empty class, a class too small to split.
         BackboneError: unknown weights or layer.
+        DistributedError: another rank of a torchrun job failed first.
     """
-    model, images = prepare(cfg)
-    return _extract(cfg, model, images)
+    world = join_world()
+    try:
+        model = code_model(cfg)
+        images = run_on_main(world, lambda: load_images(cfg))
+        return _extract(cfg, model, images, world)
+    finally:
+        leave_world(world)
 
 
 def prepare(cfg: Config) -> tuple[CodeModel, ImageSet]:
     """The code model (backbone cut at the layers) and the checked images."""
+    return code_model(cfg), load_images(cfg)
+
+
+def code_model(cfg: Config) -> CodeModel:
+    """The configured backbone cut at the configured layers, with pooling."""
     backbone = load_backbone(cfg)
-    model = CodeModel(backbone, cfg.extract.layers, cfg.extract.pooling)
-    return model, load_images(cfg)
+    return CodeModel(backbone, cfg.extract.layers, cfg.extract.pooling)
 
 
-def _extract(cfg: Config, model: CodeModel, images: ImageSet) -> ExtractResult:
-    log.info(
-        "extracting %d images (%d classes) at %dpx, layers %s",
-        len(images),
-        len(images.label_names),
-        model.preprocessing.input_size,
-        list(cfg.extract.layers),
-    )
+def _extract(
+    cfg: Config, model: CodeModel, images: ImageSet | None, world: World | None = None
+) -> ExtractResult:
+    """Extract; rank 0 (or the only process) logs and writes the summary."""
+    if images is not None:
+        log.info(
+            "extracting %d images (%d classes) at %dpx, layers %s",
+            len(images),
+            len(images.label_names),
+            model.preprocessing.input_size,
+            list(cfg.extract.layers),
+        )
     result = extract_codes(
-        images, model, options=extract_options(cfg), cache_dir=cfg.cache_dir
+        images,
+        model,
+        options=extract_options(cfg),
+        cache_dir=cfg.cache_dir,
+        world=world,
     )
-    _write_summary(cfg, images, result)
-    for path, reason in result.skipped:
-        log.warning("skipped %s: %s", path, reason)
+    if images is not None:
+        _write_summary(cfg, images, result)
+        for path, reason in result.skipped:
+            log.warning("skipped %s: %s", path, reason)
     return result
 
 

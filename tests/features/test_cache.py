@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,8 +31,11 @@ MakeConfig = Callable[..., Config]
 
 @pytest.fixture
 def cache_file(image_folder: Path, make_config: MakeConfig) -> Path:
+    # Five shards of four rows (one batch each).
     return extract.run(
-        make_config(image_folder, "extract.layers=['top', 'layer1']")
+        make_config(
+            image_folder, "extract.layers=['top', 'layer1']", "extract.shard_size=4"
+        )
     ).path
 
 
@@ -44,10 +48,35 @@ def test_cache_round_trip_holds_images_rows_and_provenance(cache_file: Path) -> 
     assert info.provenance["batch_size"] == 4
     assert cache_key(info.provenance) == info.key
     assert {"torch", "torchvision", "h5py", "quadrant"} <= set(info.environment)
+    assert info.environment["processes"] == 1
     with h5py.File(cache_file, "r") as h5:
-        chunks = h5["codes/top/none"].chunks
+        codes = h5["codes/top/none"]
+        assert codes.is_virtual and h5["images/path"].is_virtual
+        assert {s.file_name for s in codes.virtual_sources()} == {
+            f"{cache_file.stem}.shards/shard-{i:06d}.h5" for i in range(5)
+        }
+        assert codes.attrs["rows_per_chunk"] == 4
+        top = codes[:]
+    shards = cache_file.with_suffix(".shards")
+    with h5py.File(shards / "shard-000001.h5", "r") as h5:
         assert h5["codes/top/none"].attrs["sha256"]
-    assert chunks is not None and chunks[1] == 512
+        np.testing.assert_array_equal(h5["codes/top/none"][:], top[4:8])
+    assert not (shards / "index.h5").exists()  # it became the cache file
+    assert not Path(str(shards) + ".lock").exists()
+
+
+def test_cache_file_is_small_and_finishing_copies_no_codes(
+    image_folder: Path, make_config: MakeConfig
+) -> None:
+    wide = extract.run(
+        make_config(
+            image_folder, "extract.pooling=['grid:4']", "extract.layers=['layer1']"
+        )
+    )
+    shards = wide.path.with_suffix(".shards")
+    code_bytes = 20 * 64 * 16 * 4
+    assert sum(f.stat().st_size for f in shards.glob("shard-*.h5")) > code_bytes
+    assert wide.path.stat().st_size < code_bytes / 2
 
 
 def test_cache_key_is_stable_and_order_free() -> None:
@@ -57,9 +86,59 @@ def test_cache_key_is_stable_and_order_free() -> None:
 
 def test_verify_detects_corrupted_codes(cache_file: Path) -> None:
     with h5py.File(cache_file, "r+") as h5:
-        h5["codes/top/none"][3, 7] += 1.0
+        h5["codes/top/none"][5, 7] += 1.0  # writes through to shard 1
     [problem] = verify(cache_file)
-    assert "codes/top/none: checksum mismatch" in problem
+    assert f"{cache_file.stem}.shards/shard-000001.h5: codes/top/none: " in problem
+    assert "checksum mismatch" in problem
+
+
+def test_verify_detects_a_corrupted_shard_file(cache_file: Path) -> None:
+    shard = cache_file.with_suffix(".shards") / "shard-000003.h5"
+    with h5py.File(shard, "r") as h5:
+        offset = h5["codes/layer1/avg"].id.get_offset()
+    data = bytearray(shard.read_bytes())
+    data[offset + 17] ^= 0xFF  # one flipped byte in the codes, as on a bad disk
+    shard.write_bytes(bytes(data))
+    assert verify(cache_file) == [
+        f"{cache_file.stem}.shards/shard-000003.h5: codes/layer1/avg: checksum "
+        "mismatch (data corrupted)"
+    ]
+
+
+def test_verify_detects_a_misplaced_shard(cache_file: Path) -> None:
+    shards = cache_file.with_suffix(".shards")
+    shutil.copy(shards / "shard-000000.h5", shards / "shard-000004.h5")
+    assert verify(cache_file) == [
+        f"{shards.name}/shard-000004.h5: not shard 4 of key {cache_file.stem[6:]}"
+    ]
+
+
+def test_open_refuses_a_cache_without_its_shards(
+    cache_file: Path, tmp_path: Path
+) -> None:
+    (cache_file.with_suffix(".shards") / "shard-000002.h5").unlink()
+    with pytest.raises(
+        CacheCorruptError,
+        match=r"links its codes to 5 shard files .* 1 are missing \(e\.g\. "
+        r"shard-000002\.h5\).*keep codes-\w+\.shards/ beside",
+    ):
+        load_codes(cache_file)
+    alone = tmp_path / "copied" / cache_file.name
+    alone.parent.mkdir()
+    shutil.copy(cache_file, alone)  # the file without its folder
+    assert "5 are missing" in verify(alone)[0]
+
+
+def test_moved_cache_folder_reads_the_same_codes(
+    cache_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = load_codes(cache_file, "layer1")
+    moved = tmp_path / "elsewhere" / "cache"
+    shutil.move(cache_file.parent, moved)
+    monkeypatch.chdir(tmp_path / "elsewhere")  # relative links, not the cwd
+    after = load_codes(moved / cache_file.name, "layer1")
+    np.testing.assert_array_equal(before.X, after.X)
+    assert verify(moved / cache_file.name) == []
 
 
 def test_verify_detects_a_truncated_file(cache_file: Path) -> None:
@@ -96,6 +175,22 @@ def test_open_refuses_other_format_versions(cache_file: Path) -> None:
         load_codes(cache_file)
 
 
+def test_old_format_cache_is_refused_with_the_fix(tmp_path: Path) -> None:
+    """A version 1 cache (codes copied into the file) names the fix: re-extract."""
+    old = tmp_path / "codes-0123456789abcdef.h5"
+    with h5py.File(old, "w") as h5:
+        h5.attrs.update({"format": "quadrant-codes", "format_version": 1})
+        h5.attrs["complete"] = True
+        h5["codes/top/none"] = np.zeros((2, 3), np.float32)
+    with pytest.raises(
+        CacheMismatchError,
+        match=r"format version 1; this quadrant reads version 2 .*Fix: re-extract: "
+        r"run `quadrant extract`",
+    ):
+        load_codes(old)
+    assert "format version 1" in verify(old)[0]
+
+
 def test_load_codes_names_missing_layers(cache_file: Path) -> None:
     with pytest.raises(CacheMismatchError, match=r"layer 'layer4' is not in .*holds"):
         load_codes(cache_file, "layer4")
@@ -125,24 +220,53 @@ def _store(tmp_path: Path, **changes: object) -> ShardStore:
 def test_shard_store_commits_and_finds_shards(tmp_path: Path) -> None:
     with _store(tmp_path) as store:
         assert store.n_shards == 3 and list(store.rows(2)) == [8, 9]
-        store.write(0, {"top/none": np.ones((4, 3))}, np.ones(4, bool), [""] * 4)
-        assert store.committed() == [0]
+        ok = np.array([True, False, True, True])
+        store.write(0, {"top/none": np.ones((4, 3))}, ok, ["", "truncated", "", ""])
+        assert store.committed() == {0: {1: "truncated"}}
+        assert store.committed([1, 2]) == {}
     with _store(tmp_path) as store:
-        codes, ok, _ = store.read(0)
-        assert codes["top/none"].shape == (4, 3) and ok.all()
+        codes, flags, reasons = store.read(0)
+        assert codes["top/none"].shape == (4, 3) and list(flags) == list(ok)
+        assert reasons[1] == "truncated"
     with _store(tmp_path, shard_rows=5) as store:  # other settings: start over
-        assert store.committed() == []
+        assert store.committed() == {}
 
 
 def test_shard_store_drops_unreadable_shards(tmp_path: Path) -> None:
     with _store(tmp_path) as store:
         store.write(0, {"top/none": np.ones((4, 3))}, np.ones(4, bool), [""] * 4)
-        (store.parts / "shard-000000.npz").write_bytes(b"half a zip")
-        assert store.committed() == []
+        store.write(1, {"top/none": np.ones((4, 3))}, np.ones(4, bool), [""] * 4)
+        (store.parts / "shard-000000.h5").write_bytes(b"half an hdf5 file")
+        (store.parts / "shard-000001.h5").replace(store.parts / "shard-000002.h5")
+        assert store.committed() == {}
+        assert not list(store.parts.glob("shard-*"))
 
 
-def test_shard_store_refuses_a_second_writer(tmp_path: Path) -> None:
+def test_shard_store_owner_removes_temporaries_of_killed_writers(
+    tmp_path: Path,
+) -> None:
+    with _store(tmp_path) as store:
+        leftover = store.parts / ".shard-000001.h5.tmp-99999-0@another-machine"
+        leftover.write_bytes(b"half a shard")
+    with _store(tmp_path, owner=False):
+        assert leftover.exists()  # a rank never tidies: its job may be writing
     with _store(tmp_path):
-        with pytest.raises(CacheLockedError, match="another quadrant process"):
+        assert not leftover.exists()
+
+
+def test_shard_store_refuses_a_second_job_but_not_its_own_ranks(
+    tmp_path: Path,
+) -> None:
+    with _store(tmp_path):
+        with _store(tmp_path, owner=False) as rank1:  # same job, no lock taken
+            rank1.write(1, {"top/none": np.ones((4, 3))}, np.ones(4, bool), [""] * 4)
+        with pytest.raises(CacheLockedError, match="another quadrant job"):
             with _store(tmp_path):
+                pass
+
+
+def test_shard_store_of_a_rank_checks_the_manifest(tmp_path: Path) -> None:
+    with _store(tmp_path):
+        with pytest.raises(CacheMismatchError, match="ranks of this job disagree"):
+            with _store(tmp_path, owner=False, shard_rows=5):
                 pass

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from features.data import discover
+from features.data import _manifest_path, _real_paths, discover
 from features.errors import DataError, StageInputError
 from tests.conftest import write_png
 
@@ -227,3 +227,41 @@ def test_manifest_duplicates_are_dropped_and_conflicts_refused(
     manifest.write_text("path,label\nimg/0.png,x\n./img/../img/0.png,y\n")
     with pytest.raises(DataError, match="listed 2 times with different labels"):
         discover(manifest)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "img/0.png",
+        "./img/0.png",
+        "img//0.png",
+        "img/./0.png",
+        "img/0.png/",
+        "img/.",
+        ".",
+        "img/../img/0.png",
+        "/abs/img/0.png",
+        ".hidden/0.png",
+        "img/..png",
+        "a b/ç.png",
+    ],
+)
+def test_manifest_paths_are_spelled_as_path_spells_them(text: str) -> None:
+    """The fast path for plain manifest paths agrees with Path() on every form."""
+    path = Path(text)
+    assert _manifest_path(text) == (
+        path.as_posix() if not path.is_absolute() else str(path)
+    )
+
+
+def test_folder_listing_resolves_links_like_realpath(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    for name in ("a.png", "b.png"):
+        write_png(real / name, seed=1)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "folder").symlink_to(real)
+    (tmp_path / "data" / "file.png").symlink_to(real / "b.png")
+    write_png(tmp_path / "data" / "plain.png", seed=2)
+    resolve = _real_paths(str(tmp_path / "data"))
+    for relative in ("folder/a.png", "file.png", "plain.png", "folder/b.png"):
+        assert resolve(relative) == os.path.realpath(tmp_path / "data" / relative)

@@ -178,6 +178,32 @@ def test_extract_skips_corrupt_images_found_while_decoding(
     assert np.isfinite(codes.X).all()
 
 
+def test_extract_drops_every_view_of_a_failed_image_and_keeps_rows_aligned(
+    image_folder: Path, make_config: MakeConfig
+) -> None:
+    """The linked cache leaves out the failed image's rows, shard by shard, and
+    every remaining row still holds its own image's codes."""
+    settings = ("extract.views=3", "extract.shard_size=4")
+    good = extract.run(make_config(image_folder, *settings, "extract.cache_dir='a'"))
+    bad = image_folder / "dog" / "02.png"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    failed = extract.run(make_config(image_folder, *settings, "extract.cache_dir='b'"))
+    assert verify(failed.path) == []
+    full = load_codes(good.path, views="all")
+    kept = load_codes(failed.path, views="all")
+    lost = int((full.paths == "dog/02.png").sum())
+    assert lost >= 1 and len(kept) == failed.n_rows == len(full) - lost
+    assert "dog/02.png" not in set(kept.paths)
+    assert failed.skipped == (("dog/02.png", failed.skipped[0][1]),)
+    pairs = zip(full.paths, full.views, strict=True)
+    where = {(p, v): i for i, (p, v) in enumerate(pairs)}
+    same = [where[(p, v)] for p, v in zip(kept.paths, kept.views, strict=True)]
+    np.testing.assert_allclose(kept.X, full.X[same], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(kept.y, full.y[same])
+    assert (np.diff(kept.groups[kept.views == 0]) == 1).all()  # renumbered
+
+
 def test_extract_views_add_seeded_augmented_rows(
     image_folder: Path, make_config: MakeConfig
 ) -> None:
@@ -236,7 +262,7 @@ def test_extract_resumes_after_a_crash_with_identical_codes(
 
 
 def _shards(cache_dir: Path) -> list[Path]:
-    return list(cache_dir.glob("*.parts/shard-*.npz"))
+    return list(cache_dir.glob("*.shards/shard-*.h5"))
 
 
 def test_extract_survives_sigkill_and_resumes_identically(tmp_path: Path) -> None:

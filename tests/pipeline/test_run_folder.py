@@ -414,7 +414,8 @@ def test_extraction_leaves_no_lock_file_beside_a_finished_cache(
 
     cfg = make_config(image_folder)
     extract.run(cfg)
-    assert sorted(p.suffix for p in cfg.cache_dir.iterdir()) == [".h5"]
+    # The cache is the file and the shards it links (format 2); no lock.
+    assert sorted(p.suffix for p in cfg.cache_dir.iterdir()) == [".h5", ".shards"]
 
 
 def test_sweep_and_predictions_are_lf_csv(

@@ -1,0 +1,184 @@
+"""Extraction under torchrun: two gloo processes on the CPU, as in CI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+
+from features.cache import verify
+from features.distributed import World, gather_text, run_on_main, share_text
+from features.errors import DistributedError
+from pipeline import extract
+from pipeline.config import load_config
+from tests.conftest import TINY, write_png
+from tests.features.test_extractor import assert_same_codes
+
+# 64 px and 4-row shards: 40 shards that take a few seconds in all, long
+# enough to kill a rank between two of them.
+SETTINGS = [*TINY, "backbone.input_size=64", "backbone.resize_size=64"]
+SETTINGS += ["extract.shard_size=4"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("torchrun") / "images"
+    (root.parent / "conf.toml").write_text("")  # all settings come from --set
+    for c in ("a", "b"):
+        for i in range(80):
+            write_png(root / c / f"{i:03d}.png", seed=i + (1000 if c == "b" else 0))
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_process(data: Path) -> Path:
+    """The cache of a plain one-process run: the reference."""
+    out = data.parent / "one"
+    cfg = load_config(
+        None, [f"data.root='{data}'", f"run.out='{out}'", *SETTINGS], cwd=data.parent
+    )
+    return extract.run(cfg).path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _torchrun(data: Path, out: Path) -> list[str]:
+    sets = [
+        arg
+        for item in [*SETTINGS, f"data.root='{data}'", f"run.out='{out}'"]
+        for arg in ("--set", item)
+    ]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "pipeline",
+        "extract",
+        *sets,
+    ]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_torchrun_two_processes_write_the_one_process_cache(
+    data: Path, one_process: Path
+) -> None:
+    out = data.parent / "two"
+    done = subprocess.run(
+        _torchrun(data, out),
+        cwd=data.parent,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("codes: ") == 1  # only rank 0 reports
+    assert "computed 160 rows" in done.stdout
+    assert "40 of 40 shards to compute on 2 processes" in done.stderr
+    [two] = (out / "cache").glob("*.h5")
+    assert two.name == one_process.name  # the same key
+    assert_same_codes(one_process, two)
+    assert verify(two) == []
+    writers = set()
+    for shard in two.with_suffix(".shards").glob("shard-*.h5"):
+        with h5py.File(shard, "r") as h5:
+            writers.add(int(h5.attrs["rank"]))
+    assert writers == {0, 1}
+    assert (out / "extract.json").is_file()
+
+
+def _shards(cache: Path) -> list[Path]:
+    return list(cache.glob("*.shards/shard-*.h5"))
+
+
+def _rank_pid(agent: subprocess.Popen[bytes], rank: int) -> int:
+    """The process id of one rank: a child of the torchrun agent."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{agent.pid}/task/{agent.pid}/children")
+        for pid in children.read_text().split():
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ:
+                return int(pid)
+        time.sleep(0.05)
+    raise AssertionError(f"rank {rank} did not start")
+
+
+def _kill_mid_run(data: Path, out: Path, rank: int) -> None:
+    """Start a 2-process job, SIGKILL `rank` once a new shard is committed."""
+    cache = out / "cache"
+    before = len(_shards(cache))
+    agent = subprocess.Popen(
+        _torchrun(data, out),
+        cwd=data.parent,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pid = _rank_pid(agent, rank)
+    deadline = time.monotonic() + 120
+    while len(_shards(cache)) <= before:
+        assert agent.poll() is None, "the job ended before a shard was committed"
+        assert time.monotonic() < deadline, "no shard was committed"
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    assert agent.wait(timeout=120) != 0  # torchrun stops the other rank too
+    assert not list(cache.glob("*.h5")), "a job with a dead rank finished"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_torchrun_job_resumes_after_a_rank_is_killed(
+    data: Path, one_process: Path
+) -> None:
+    """kill -9 rank 1, then rank 0 of the resumed job; a third run (one
+    process this time) finishes, and the cache equals a one-process run's."""
+    out = data.parent / "killed"
+    _kill_mid_run(data, out, rank=1)
+    after_first = len(_shards(out / "cache"))
+    _kill_mid_run(data, out, rank=0)
+    assert len(_shards(out / "cache")) > after_first
+    cfg = load_config(
+        None, [f"data.root='{data}'", f"run.out='{out}'", *SETTINGS], cwd=data.parent
+    )
+    resumed = extract.run(cfg)
+    assert 0 < resumed.computed_rows < 160
+    assert_same_codes(one_process, resumed.path)
+    assert verify(resumed.path) == []
+
+
+def test_one_process_world_needs_no_process_group() -> None:
+    world = World()
+    assert run_on_main(world, lambda: 7) == 7
+    assert share_text(world, "key") == "key"
+    assert gather_text(world, "[1, 2]") == ["[1, 2]"]
+
+
+def test_a_rank_stops_with_rank_0s_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What rank 1 raises when rank 0 fails while it waits."""
+    sent = '{"error": "DataError: no readable images under /data"}'
+    monkeypatch.setattr("features.distributed.share_text", lambda world, text: sent)
+    with pytest.raises(
+        DistributedError, match="rank 0 stopped the job: DataError: no readable"
+    ):
+        run_on_main(World(rank=1, size=2), lambda: pytest.fail("rank 1 ran it"))
