@@ -9,7 +9,8 @@ Sections (all by default, or name some with --only):
 - finish: finishing a cache (linking the shards into the cache file) at 10k,
   100k and 1M rows of synthetic codes, interleaved, with and without failed
   decodes; beside it the serial copy that format 1 did, and the time to read
-  the codes back through the links vs from the copy.
+  the codes back through the links vs from the copy; with --compare-cache
+  FILE, the finishing of another version of features/cache.py beside it.
 - listing: `discover` on a tree of 100k tiny (valid) JPEG files, and on a
   1M-row CSV manifest (1M symbolic links to those files), stage by stage;
   with --compare-data FILE, the same stages of another version of
@@ -23,11 +24,14 @@ Usage:
     python benchmarks/scale.py --work /tmp/qscale
     python benchmarks/scale.py --work /tmp/qscale --only listing \\
         --compare-data /tmp/old_data.py
+    python benchmarks/scale.py --work /tmp/qscale --only finish \\
+        --compare-cache /tmp/old_cache.py
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -50,14 +54,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from features import cache as cache_module  # noqa: E402
 from features import data as data_module  # noqa: E402
-from features.cache import (  # noqa: E402
-    CodeSpec,
-    ImageTable,
-    ShardStore,
-    finish,
-    write_index,
-)
+from features.cache import CodeSpec, ImageTable, ShardStore  # noqa: E402
 from features.codes import load_codes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,15 +212,19 @@ def synthetic_table(rows: int) -> ImageTable:
 
 
 def timed_finish(
-    store: ShardStore, table: ImageTable, failures: dict[int, str]
+    store: ShardStore,
+    table: ImageTable,
+    failures: dict[int, str],
+    module: ModuleType = cache_module,
 ) -> tuple[float, float]:
-    """(seconds to write the index, seconds to finish) of one cache."""
+    """(seconds to write the index, seconds to finish) of one cache, with
+    `module`'s write_index and finish (another version of features/cache.py)."""
     final = store.parts.with_suffix(".h5")
     final.unlink(missing_ok=True)
     start = time.perf_counter()
-    write_index(store, table, skipped=[], attrs={"listing": "{}"})
+    module.write_index(store, table, skipped=[], attrs={"listing": "{}"})
     middle = time.perf_counter()
-    finish(
+    module.finish(
         store,
         final,
         table=table,
@@ -270,8 +273,11 @@ def timed_read(path: Path) -> float:
 
 
 def bench_finish(
-    work: Path, sizes: list[int], dims: int, repeats: int
+    work: Path, sizes: list[int], dims: int, repeats: int, compare: Path | None
 ) -> dict[str, Any]:
+    versions = {"": cache_module}
+    if compare is not None:
+        versions["_compared"] = load_module(compare, "cache_compared")
     stores, tables, out = {}, {}, {}
     for rows in sizes:
         folder = work / f"finish-{rows}"
@@ -286,16 +292,22 @@ def bench_finish(
     for label, failed in (("finish_s", 0), ("finish_10_failed_s", 10)):
         for rows in sizes:
             out[rows].setdefault("index_s", [])
-        times: dict[int, list[float]] = {rows: [] for rows in sizes}
+        times: dict[tuple[int, str], list[float]] = {
+            (rows, v): [] for rows in sizes for v in versions
+        }
         for _ in range(repeats):
             for rows in sizes:
                 step = rows // (failed + 1)
                 failures = {step * (i + 1): "truncated" for i in range(failed)}
-                index_s, finish_s = timed_finish(stores[rows], tables[rows], failures)
-                out[rows]["index_s"].append(index_s)
-                times[rows].append(finish_s)
-        for rows in sizes:
-            out[rows][label] = round(statistics.median(times[rows]), 4)
+                for version, module in versions.items():
+                    index_s, finish_s = timed_finish(
+                        stores[rows], tables[rows], failures, module
+                    )
+                    if not version:
+                        out[rows]["index_s"].append(index_s)
+                    times[rows, version].append(finish_s)
+        for (rows, version), seconds in times.items():
+            out[rows][label + version] = round(statistics.median(seconds), 4)
     for rows in sizes:
         out[rows]["index_s"] = round(statistics.median(out[rows]["index_s"]), 3)
     largest = max(sizes)
@@ -359,6 +371,9 @@ def stages(module: ModuleType, root: Path, probe: bool) -> dict[str, float]:
         clock = now
 
     m = module
+    # The versions that pause the garbage collector while listing do it here too.
+    paused = getattr(m, "_gc_paused", contextlib.nullcontext)()
+    paused.__enter__()
     if root.is_file():
         listed, _ = m._read_manifest(root)
     else:
@@ -376,12 +391,13 @@ def stages(module: ModuleType, root: Path, probe: bool) -> dict[str, float]:
     mark("split")
     m._fingerprint(base, records, names, [], "stat")
     mark("fingerprint")
+    paused.__exit__(None, None, None)
     times["total"] = sum(times.values())
     return times
 
 
-def load_module(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("data_compared", path)
+def load_module(path: Path, name: str = "data_compared") -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -501,11 +517,16 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--rows", type=int, default=1_000_000, help="manifest rows")
     parser.add_argument("--compare-data", type=Path)
+    parser.add_argument(
+        "--compare-cache", type=Path, help="another features/cache.py to finish with"
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     sections = {
         "units": lambda: bench_units(args.work, args.repeats),
-        "finish": lambda: bench_finish(args.work, args.sizes, args.dims, args.repeats),
+        "finish": lambda: bench_finish(
+            args.work, args.sizes, args.dims, args.repeats, args.compare_cache
+        ),
         "listing": lambda: bench_listing(
             args.work, args.files, args.rows, args.repeats, args.compare_data
         ),

@@ -16,13 +16,14 @@ fail at once with a message saying what to do.
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import logging
 import os
-import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,25 @@ class ImageSet:
         return out
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector (for listing millions of files).
+
+    NOTE: listing builds millions of small tuples and records, none in a
+    cycle; each of them set off collections that walked all the earlier
+    ones, more than half of a million-row split. Reference counting still
+    frees everything; the collector runs again on the way out.
+    """
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
+@_gc_paused()
 def discover(
     root: Path,
     *,
@@ -154,6 +174,7 @@ def discover(
     return ImageSet(root, tuple(records), label_names, tuple(skipped), digest)
 
 
+@_gc_paused()
 def images_from_paths(
     paths: Sequence[Path | str],
     *,
@@ -301,34 +322,46 @@ def _read_manifest(csv_path: Path) -> tuple[list[_Listed], list[Skipped]]:
                 f"found {header or None}"
             )
         # NOTE: one pass over plain rows (no dict per row, no list of all
-        # rows): a million-row manifest loads in seconds.
+        # rows, the common cells checked inline): a million-row manifest
+        # loads in about a second.
         wanted = ("path", "label", "split")
         # The last column of a name wins, as with csv.DictReader.
         at = {c: i for i, c in enumerate(columns) if c in wanted}
+        at_path, at_label, at_split = at["path"], at["label"], at.get("split")
+        width = max(at.values()) + 1
+        splits: dict[str, str | None] = {"": None}
         listed: list[_Listed] = []
-        seen: dict[str, list[tuple[int, _Listed]]] = {}
+        first: dict[str, tuple[int, _Listed]] = {}
+        clashes: dict[str, list[tuple[int, _Listed]]] = {}
         for line, row in enumerate(reader, start=2):
             if not row:
                 continue  # a blank line, as csv.DictReader skips them
-            item = _manifest_row(csv_path, line, row, at)
-            entries = seen.get(item[0])
-            if entries is None:
-                seen[item[0]] = [(line, item)]
-            elif any(entry == item for _, entry in entries):
-                log.warning(
-                    "%s line %d repeats an earlier row; dropped", csv_path, line
-                )
-                continue
+            if len(row) < width:
+                item = _manifest_row(csv_path, line, row, at)
             else:
-                entries.append((line, item))
+                path, label = row[at_path].strip(), row[at_label].strip()
+                raw = "" if at_split is None else row[at_split].strip()
+                if not path or not label or raw not in splits:
+                    item = _manifest_row(csv_path, line, row, at)
+                    splits[raw] = item[2]
+                else:
+                    item = (_manifest_path(path), label, splits[raw])
+            seen = first.setdefault(item[0], (line, item))
+            if seen[0] != line:
+                others = clashes.get(item[0], [seen])
+                if any(entry == item for _, entry in others):
+                    log.warning(
+                        "%s line %d repeats an earlier row; dropped", csv_path, line
+                    )
+                    continue
+                clashes[item[0]] = [*others, (line, item)]
             listed.append(item)
-    for path, entries in seen.items():
-        if len(entries) > 1:
-            raise DataError(
-                f"{csv_path} lists {path} on lines {[n for n, _ in entries]} with "
-                f"different labels or splits ({[e[1:] for _, e in entries]}); one "
-                "image has one label and one split: keep one of the rows"
-            )
+    for path, entries in sorted(clashes.items(), key=lambda kv: kv[1][0][0]):
+        raise DataError(
+            f"{csv_path} lists {path} on lines {[n for n, _ in entries]} with "
+            f"different labels or splits ({[e[1:] for _, e in entries]}); one "
+            "image has one label and one split: keep one of the rows"
+        )
     if not listed:
         raise DataError(f"{csv_path} lists no images")
     return listed, []
@@ -358,15 +391,17 @@ def _manifest_path(text: str) -> str:
     """A manifest's path as Path(text) spells it (posix form if relative)."""
     # NOTE: a Path per row was a third of a million-row manifest's load
     # time; most paths are already in the form Path gives them.
-    if os.sep == "/" and not _NOT_PLAIN.search(text):
+    if os.sep == "/" and not _not_plain(text):
         return text
     path = Path(text)
     return path.as_posix() if not path.is_absolute() else str(path)
 
 
-# Spellings Path() rewrites: absolute, "./" or "/./" parts, "//", a trailing
-# "/" or "/.", a lone ".".
-_NOT_PLAIN = re.compile(r"^/|^\./|//|/\./|/\.?$|^\.$")
+def _not_plain(text: str) -> bool:
+    """Whether Path() may spell `text` otherwise: absolute, "./" or "/./"
+    parts, "//", a trailing "/" or "/.", a lone "." (and, to be safe, any
+    name starting with "." and any "/." such as "/..")."""
+    return text[0] in "./" or "//" in text or "/." in text or text[-1] == "/"
 
 
 def _one_entry_per_file(
@@ -398,6 +433,7 @@ def _one_entry_per_file(
         if items is None:
             kept.append(item)
             continue
+        file = os.path.join(base, file)  # absolute, for the messages
         if len({(label, split) for _, label, split in items}) > 1:
             shown = [
                 f"{path} ({label}, {split or 'auto split'})"
@@ -419,7 +455,21 @@ def _one_entry_per_file(
 
 
 def _normal_paths(base: str) -> Callable[[str], str]:
-    return lambda relative: os.path.normpath(os.path.join(base, relative))
+    """A key per file for a manifest's paths: the path relative to `base`.
+
+    NOTE: a manifest's relative paths without ".." are already their own
+    key (the reader spelled them as Path does); only absolute paths and ".."
+    parts need normpath, which was most of a million-row manifest's dedupe.
+    """
+    prefix = os.path.join(base, "")
+
+    def normal(relative: str) -> str:
+        if relative[0] != "/" and ".." not in relative:
+            return relative
+        full = os.path.normpath(os.path.join(base, relative))
+        return full[len(prefix) :] if full.startswith(prefix) else full
+
+    return normal
 
 
 def _real_paths(base: str) -> Callable[[str], str]:
@@ -542,7 +592,9 @@ def _split_class(
     items = sorted(items)
     # A per-class seed makes each class's split independent of the other classes.
     class_seed = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8])
-    order = np.random.default_rng(class_seed).permutation(len(items))
+    # NOTE: a list, not an array: indexing a list with numpy integers was
+    # half of a million-row split.
+    order = np.random.default_rng(class_seed).permutation(len(items)).tolist()
     records, start = [], 0
     for done, (split, fraction) in enumerate(carve.items()):
         later = len(carve) - done - 1  # each later split and train keep >= 1 image
@@ -568,14 +620,27 @@ def _fingerprint(
     entries += [(s.path, "<skipped>", "") for s in skipped]
     entries.sort()
     ids = _file_ids(str(base), [path for path, _, _ in entries], how)
-    for (path, label, split), file_id in zip(entries, ids, strict=True):
-        digest.update(f"{path}\t{label}\t{split}\t{file_id}\n".encode())
+    # NOTE: one update per block of lines, not per line: the same digest
+    # (sha256 of the concatenation), a fraction of the calls.
+    lines = [
+        f"{path}\t{label}\t{split}\t{file_id}\n"
+        for (path, label, split), file_id in zip(entries, ids, strict=True)
+    ]
+    for begin in range(0, len(lines), 65536):
+        digest.update("".join(lines[begin : begin + 65536]).encode())
     return digest.hexdigest()
 
 
 def _file_ids(base: str, paths: Sequence[str], how: str) -> list[str]:
     if how != "content":
-        return [_file_id(os.path.join(base, path), how) for path in paths]
+        # NOTE: stat calls in threads were slower here than in one loop (the
+        # GIL); a plain prefix instead of os.path.join saves a third.
+        if os.sep != "/":
+            return [_file_id(os.path.join(base, path), how) for path in paths]
+        prefix = os.path.join(base, "")
+        return [
+            _file_id(path if path[:1] == "/" else prefix + path, how) for path in paths
+        ]
     # Reading and hashing whole files is I/O bound (hashlib releases the GIL).
     chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
     with ThreadPoolExecutor(max_workers=8) as pool:

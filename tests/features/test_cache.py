@@ -11,11 +11,14 @@ import pytest
 from features import load_codes
 from features.cache import (
     CodeSpec,
+    ImageTable,
     ShardStore,
     cache_key,
     diff_provenance,
+    finish,
     read_info,
     verify,
+    write_index,
 )
 from features.errors import (
     CacheCorruptError,
@@ -270,3 +273,61 @@ def test_shard_store_of_a_rank_checks_the_manifest(tmp_path: Path) -> None:
         with pytest.raises(CacheMismatchError, match="ranks of this job disagree"):
             with _store(tmp_path, owner=False, shard_rows=5):
                 pass
+
+
+def _linked_cache(tmp_path: Path, failures: dict[int, str]) -> tuple[Path, np.ndarray]:
+    """A finished cache of 10 random rows in 3 shards (4, 4, 2 rows)."""
+    codes = np.random.default_rng(0).standard_normal((10, 3)).astype(np.float32)
+    table = ImageTable(
+        paths=[f"c/{i}.png" for i in range(10)],
+        labels=np.zeros(10, np.int64),
+        splits=["train"] * 10,
+        row_image=np.arange(10, dtype=np.int64),
+        row_view=np.zeros(10, np.int16),
+    )
+    with _store(tmp_path) as store:
+        for shard in range(store.n_shards):
+            rows = store.rows(shard)
+            ok = np.array([r not in failures for r in rows])
+            reasons = [failures.get(r, "") for r in rows]
+            store.write(shard, {"top/none": codes[rows.start : rows.stop]}, ok, reasons)
+        write_index(store, table, skipped=[], attrs={"listing": "{}"})
+        final = finish(
+            store,
+            tmp_path / "c.h5",
+            table=table,
+            failures=failures,
+            provenance={},
+            environment={},
+            label_names=["c"],
+            data_root=str(tmp_path),
+        )
+    return final, codes
+
+
+def test_finishing_links_every_kept_row_of_every_shard(tmp_path: Path) -> None:
+    """Rows of failed images drop out of the links (mid-shard and at a shard's
+    end), and the linked codes equal the shards' rows in order."""
+    failures = {1: "truncated", 7: "not an image", 9: "empty"}
+    final, codes = _linked_cache(tmp_path, failures)
+    kept = [r for r in range(10) if r not in failures]
+    with h5py.File(final, "r") as h5:
+        linked = h5["codes/top/none"]
+        assert linked.is_virtual and len(linked.virtual_sources()) == 4
+        np.testing.assert_array_equal(linked[:], codes[kept])
+        assert linked.attrs["layer"] == "top"
+        assert linked.attrs["pooling"] == "none"
+        assert list(h5["images/path"].asstr()[:]) == [f"c/{r}.png" for r in kept]
+        skipped = h5["skipped/path"].asstr()[:], h5["skipped/reason"].asstr()[:]
+        assert dict(zip(*skipped, strict=True))["c/7.png"] == "not an image"
+    assert verify(final) == []
+
+
+def test_a_missing_shard_reads_as_nan_and_fails_verify(tmp_path: Path) -> None:
+    final, codes = _linked_cache(tmp_path, {})
+    (tmp_path / "c.parts" / "shard-000001.h5").unlink()
+    with h5py.File(final, "r") as h5:
+        linked = h5["codes/top/none"][:]
+    assert np.isnan(linked[4:8]).all()
+    np.testing.assert_array_equal(linked[[0, 1, 2, 3, 8, 9]], codes[[0, 1, 2, 3, 8, 9]])
+    assert verify(final)  # names the missing shard

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import gc
+import hashlib
 import os
 from pathlib import Path
 
@@ -265,3 +267,78 @@ def test_folder_listing_resolves_links_like_realpath(tmp_path: Path) -> None:
     resolve = _real_paths(str(tmp_path / "data"))
     for relative in ("folder/a.png", "file.png", "plain.png", "folder/b.png"):
         assert resolve(relative) == os.path.realpath(tmp_path / "data" / relative)
+
+
+def test_manifest_rows_of_every_form_load_as_written(tmp_path: Path) -> None:
+    """Short rows, split aliases, absolute paths and '..' all take the right path."""
+    for i in range(6):
+        write_png(tmp_path / "img" / f"{i}.png", seed=i)
+    absolute = tmp_path / "img" / "5.png"
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text(
+        "path,label,split\n"
+        "img/0.png,x,Training\nimg/1.png,x\nimg/2.png,x,VALID\n"
+        "img/3.png,y,train\nimg/../img/4.png,y,\n"
+        f"{absolute},y,test\n"
+    )
+    images = discover(manifest, val_fraction=0.0, test_fraction=0.0)
+    got = {r.path: (images.label_names[r.label], r.split) for r in images.records}
+    assert got == {
+        "img/0.png": ("x", "train"),
+        "img/1.png": ("x", "train"),
+        "img/2.png": ("x", "val"),
+        "img/3.png": ("y", "train"),
+        "img/../img/4.png": ("y", "train"),
+        str(absolute): ("y", "test"),
+    }
+    manifest.write_text("path,label,split\nimg/0.png,x,holdout\n")
+    with pytest.raises(DataError, match=r"line 2: split 'holdout' is not one of"):
+        discover(manifest)
+
+
+def test_manifest_file_named_twice_by_absolute_and_relative_path(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for i in range(3):
+        write_png(tmp_path / "img" / f"{i}.png", seed=i)
+    absolute = tmp_path.resolve() / "img" / "0.png"
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text(f"path,label\nimg/0.png,x\nimg/1.png,x\n{absolute},x\n")
+    images = discover(manifest, val_fraction=0.0, test_fraction=0.0)
+    assert len(images) == 2  # one of the two spellings of img/0.png
+    assert f"{absolute} is reached 2 times (img/0.png, {absolute})" in caplog.text
+    manifest.write_text(f"path,label\nimg/0.png,x\nimg/1.png,x\n{absolute},y\n")
+    with pytest.raises(DataError, match=rf"{absolute} is listed 2 times"):
+        discover(manifest)
+
+
+def test_fingerprint_is_the_digest_of_one_line_per_file(tmp_path: Path) -> None:
+    """Blocked hashing and the stat fast path give the documented digest, so
+    caches keyed on fingerprints of earlier versions stay valid."""
+    for i in range(3):
+        write_png(tmp_path / "img" / f"{i}.png", seed=i)
+    absolute = tmp_path.resolve() / "img" / "2.png"
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text(f"path,label\nimg/0.png,a\nimg/1.png,b\n{absolute},b\n")
+    images = discover(manifest, val_fraction=0.0, test_fraction=0.0)
+    expected = hashlib.sha256(b"stat\n")
+    for r in sorted(images.records, key=lambda r: r.path):
+        stat = os.stat(images.base / r.path)
+        name = images.label_names[r.label]
+        line = f"{r.path}\t{name}\t{r.split}\t{stat.st_size}:{stat.st_mtime_ns}\n"
+        expected.update(line.encode())
+    assert images.fingerprint == expected.hexdigest()
+
+
+def test_listing_restores_the_garbage_collector(tmp_path: Path) -> None:
+    assert gc.isenabled()
+    with pytest.raises(DataError):
+        discover(tmp_path)  # no class folders
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with pytest.raises(DataError):
+            discover(tmp_path)
+        assert not gc.isenabled()  # left as the caller had it
+    finally:
+        gc.enable()
