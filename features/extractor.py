@@ -65,11 +65,13 @@ from features.transforms import (
     VIEW_CROP_SCALE,
     Normalize,
     Preprocessing,
+    decode_side,
     eval_transform,
     view_transform,
 )
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ExtractOptions:
@@ -186,6 +188,9 @@ class _RowDataset(Dataset[tuple[int, torch.Tensor, bool, str]]):
         self.row_view = table.row_view
         self.eval_transform = eval_transform(prep)
         self.view_transform = view_transform(prep)
+        # NOTE: augmented views crop, so fast decoding keeps them more pixels.
+        self.eval_side = decode_side(prep)
+        self.view_side = decode_side(prep, crop_scale=VIEW_CROP_SCALE)
         self.size = prep.input_size
         self.options = options
 
@@ -194,16 +199,17 @@ class _RowDataset(Dataset[tuple[int, torch.Tensor, bool, str]]):
 
     def __getitem__(self, row: int) -> tuple[int, torch.Tensor, bool, str]:
         file = self.files[int(self.row_image[row])]
+        view = int(self.row_view[row])
         try:
             image = decode_image(
                 file,
                 max_pixels=self.options.max_pixels,
                 background=self.options.background,
+                min_side=self.view_side if view else self.eval_side,
             )
         except ImageDecodeError as err:
             blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
             return row, blank, False, str(err).removeprefix(f"{file}: ")
-        view = int(self.row_view[row])
         if view == 0:
             return row, self.eval_transform(image), True, ""
         # NOTE: the view's randomness comes from (seed, row) alone, so it is the

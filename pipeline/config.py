@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from features.errors import ConfigError
-from features.images import DEFAULT_MAX_PIXELS
+from features.images import DECODE_MODES, DEFAULT_MAX_PIXELS
 from features.pooling import parse_pooling
 from pipeline.layout import MODEL_KINDS, RunLayout
 
@@ -90,6 +90,7 @@ class DataConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     background: tuple[int, ...] = (255, 255, 255)
     fingerprint: str = "stat"
+    decode: str = "fast"
 
     def __post_init__(self) -> None:
         _check_fraction("data", "val_fraction", self.val_fraction)
@@ -108,6 +109,7 @@ class DataConfig:
             )
         _check_choice("data", "fingerprint", self.fingerprint, FINGERPRINTS)
         _check_seed("data", "seed", self.seed)
+        _check_choice("data", "decode", self.decode, DECODE_MODES)
 
 
 @dataclass(frozen=True)

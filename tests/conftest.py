@@ -74,3 +74,30 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
         return load_config(None, [*base, *TINY, *overrides], cwd=tmp_path)
 
     return make
+
+
+def write_photo(
+    path: Path,
+    size: tuple[int, int] = (4000, 3000),
+    *,
+    orientation: int = 1,
+    mode: str = "RGB",
+    progressive: bool = False,
+) -> Path:
+    """scikit-image's chelsea upscaled to `size` (as displayed), saved as JPEG q90.
+
+    With `orientation` 6 the pixels are stored turned counter-clockwise with
+    that EXIF tag, as a phone stores a portrait photo; `mode` "CMYK" or "L"
+    converts before saving.
+    """
+    data = pytest.importorskip("skimage.data")
+    image = Image.fromarray(data.chelsea()).resize(size, Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    if orientation == 6:
+        image = image.transpose(Image.Transpose.ROTATE_90)
+        exif[0x0112] = 6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.convert(mode).save(
+        path, "JPEG", quality=90, exif=exif.tobytes(), progressive=progressive
+    )
+    return path

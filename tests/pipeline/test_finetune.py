@@ -331,3 +331,14 @@ def test_ddp_with_two_gloo_processes(tmp_path: Path) -> None:
     assert len(history) == 2
     state = torch.load(tmp_path / "run" / "finetune" / "last.pt", weights_only=True)
     assert state["epoch"] == 2
+
+
+def test_model_stamp_changes_with_the_decoding(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    from pipeline.inputs import load_images
+
+    fast = config(image_folder, tmp_path / "a")
+    full = config(image_folder, tmp_path / "a", "data.decode='full'")
+    images = load_images(fast)
+    assert finetune.model_stamp(fast, images) != finetune.model_stamp(full, images)
