@@ -135,6 +135,10 @@ class CNNCodes(TransformerMixin, BaseEstimator):
             device=self.device,
             num_workers=0,
             progress=self.progress,
+            # NOTE: without cache_dir every transform extracts into a fresh
+            # temporary folder, where the onnxruntime engine would be
+            # exported again each time.
+            engine="torch",
         )
 
     def _transform_paths(self, paths: list[Path]) -> npt.NDArray[np.float32]:

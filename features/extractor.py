@@ -13,13 +13,16 @@ batches an uninterrupted run would have, and writes the same values.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
 import platform
+import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,11 +48,13 @@ from features.cache import (
 from features.data import ImageSet
 from features.devices import (
     PRECISION_DTYPES,
-    default_workers,
+    LoaderPlan,
+    available_cpus,
+    plan_loader,
     resolve_device,
     resolve_precision,
 )
-from features.errors import CacheMismatchError, ImageDecodeError
+from features.errors import BackboneError, CacheMismatchError, ImageDecodeError
 from features.images import DEFAULT_MAX_PIXELS, decode_image
 from features.layers import (
     build_feature_extractor,
@@ -94,7 +99,8 @@ class ExtractOptions:
     background: tuple[int, ...] = (255, 255, 255)
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
-    engine: str = "torch"
+    engine: str = "auto"
+    threads: int = -1
 
 
 @dataclass(frozen=True)
@@ -382,8 +388,8 @@ def _forward(
     precision: str,
 ) -> None:
     rows = [row for shard in todo for row in store.rows(shard)]
-    loader = _loader(model, images, table, rows, options, device)
     compute = _runner(model, store, options, device, precision)
+    loader = _loader(model, images, table, rows, options, device, compute)
     shards = _ShardBuffer(store)
     total = len(table.row_image)
     with progress_bar(
@@ -402,9 +408,9 @@ def _runner(
     device: torch.device,
     precision: str,
 ) -> Any:
-    if options.engine == "torch":
+    if resolve_engine(options.engine, device, precision) == "torch":
         return CodeRunner(model, options, device, precision)
-    from features.onnx_engine import OnnxRunner, export_code_model
+    from features.onnx_engine import OnnxRunner
 
     # Exported once per network and layers, beside the code caches.
     identity = {
@@ -415,9 +421,47 @@ def _runner(
     }
     path = store.parts.parent / f"engine-{cache_key(identity)[:16]}.onnx"
     if not path.exists():
-        size = model.preprocessing.input_size
-        export_code_model(model, model.specs, size, path)
-    return OnnxRunner(path, [s.name for s in model.specs], device)
+        _export_engine(model, path, options.engine)
+    return OnnxRunner(
+        path,
+        [s.name for s in model.specs],
+        device,
+        chunk=compute_chunk(options, device),
+    )
+
+
+ENGINES = ("auto", "torch", "onnxruntime")
+
+
+def resolve_engine(spec: str, device: torch.device, precision: str) -> str:
+    """ "auto" is onnxruntime for a float32 forward on the CPU, torch elsewhere.
+
+    NOTE: on the CPU onnxruntime ran EfficientNet-Lite0 about 4x faster than
+    torch eager per thread (docs/benchmarks.md); on GPUs torch keeps
+    autocast and channels_last.
+    """
+    if spec != "auto":
+        return spec
+    return "onnxruntime" if device.type == "cpu" and precision == "fp32" else "torch"
+
+
+def _export_engine(model: CodeModel, path: Path, spec: str) -> None:
+    """Export the code model for onnxruntime, saying what to do if it cannot be.
+
+    Raises:
+        BackboneError: the exporter refused the network.
+    """
+    from features.onnx_engine import export_code_model
+
+    try:
+        export_code_model(model, model.specs, model.preprocessing.input_size, path)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise BackboneError(
+            f"the onnxruntime engine ({'chosen by ' if spec == 'auto' else ''}"
+            f"extract.engine = {spec!r}) cannot export {model.identity.get('name')}: "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; set "
+            "extract.engine = 'torch'"
+        ) from err
 
 
 def _loader(
@@ -427,18 +471,98 @@ def _loader(
     rows: Sequence[int],
     options: ExtractOptions,
     device: torch.device,
+    compute: Any,
 ) -> DataLoader[Any]:
+    """Batches of (rows, pixels, ok, reasons), decoded as the plan says.
+
+    Also sets `compute`'s threads: the loader plan shares the cores
+    between the decoders and the forward.
+    """
     files = [images.absolute(r) for r in images.records]
-    workers = (
-        options.num_workers if options.num_workers >= 0 else default_workers(device)
-    )
+    dataset = _RowDataset(files, table, model.preprocessing, options)
+    plan = _plan(dataset, rows, compute, options, device)
+    log.info("loader: %s", plan.describe())
+    if plan.forward_threads:
+        compute.set_threads(plan.forward_threads)
     return DataLoader(
-        Subset(_RowDataset(files, table, model.preprocessing, options), rows),
+        Subset(dataset, rows),
         batch_size=options.batch_size,
-        num_workers=workers,
+        num_workers=plan.workers,
         pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=4 if plan.workers else None,
+        worker_init_fn=functools.partial(_init_worker, plan.worker_threads),
     )
+
+
+def _init_worker(threads: int, worker_id: int) -> None:
+    """Give a loader worker its planned torch threads."""
+    torch.set_num_threads(threads)
+
+
+CALIBRATION_IMAGES = 4
+"""Images decoded (in the main process) to measure the job's decode cost."""
+
+
+def _plan(
+    dataset: _RowDataset,
+    rows: Sequence[int],
+    compute: Any,
+    options: ExtractOptions,
+    device: torch.device,
+) -> LoaderPlan:
+    """Workers and threads for this job, from its own measured costs.
+
+    NOTE: only what `plan_loader` needs is measured: nothing when both are
+    set, or when the main process decodes (0 workers) on the CPU.
+    """
+    workers = options.num_workers if options.num_workers >= 0 else None
+    threads = options.threads if options.threads > 0 else None
+    on_cpu = device.type == "cpu"
+    needs = (workers is None or (on_cpu and threads is None)) and workers != 0
+    decode = forward = None
+    if needs and rows:
+        decode, forward = _calibrate(dataset, rows, compute, on_cpu)
+    return plan_loader(
+        cpus=available_cpus(),
+        forward_on_cpu=on_cpu,
+        decode_seconds=decode,
+        forward_seconds=forward,
+        workers=workers,
+        threads=threads,
+    )
+
+
+def _calibrate(
+    dataset: _RowDataset, rows: Sequence[int], compute: Any, on_cpu: bool
+) -> tuple[float, float]:
+    """(seconds to decode one image on a core, seconds of one image's forward).
+
+    Decodes a few rows spread over the job; the CPU forward is timed on one
+    thread, after a warm-up call, on a chunk of those images.
+    """
+    count = min(CALIBRATION_IMAGES, len(rows))
+    picked = [rows[i * len(rows) // count] for i in range(count)]
+    times, pixels = [], []
+    for row in picked:
+        start = time.perf_counter()
+        item = dataset[row]
+        times.append(time.perf_counter() - start)
+        pixels.append(item[1])
+    chunk = compute_chunk_of(compute)
+    batch = torch.stack((pixels * chunk)[:chunk])
+    if on_cpu:
+        # NOTE: the caller sets the planned threads right after.
+        compute.set_threads(1)
+    compute(batch)  # warm-up: lazy initialisation, first allocations
+    start = time.perf_counter()
+    compute(batch)
+    forward = (time.perf_counter() - start) / len(batch)
+    return statistics.median(times), forward
+
+
+def compute_chunk_of(compute: Any) -> int:
+    """Images per forward call of a runner (CodeRunner or OnnxRunner)."""
+    return int(getattr(compute, "chunk", None) or 8)
 
 
 def compute_chunk(options: ExtractOptions, device: torch.device) -> int:
@@ -471,9 +595,15 @@ class CodeRunner:
         if self.format is not None:
             self.model = self.model.to(memory_format=self.format)
         self.amp = PRECISION_DTYPES[precision]
+        self.threads = 0  # 0: torch's own setting
+
+    def set_threads(self, threads: int) -> None:
+        """Run later calls on `threads` torch threads (0: leave torch's setting)."""
+        self.threads = threads
 
     def __call__(self, pixels: torch.Tensor) -> dict[str, npt.NDArray[np.float32]]:
-        parts = [self._run(chunk) for chunk in pixels.split(self.chunk)]
+        with _torch_threads(self.threads):
+            parts = [self._run(chunk) for chunk in pixels.split(self.chunk)]
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     def _run(self, pixels: torch.Tensor) -> dict[str, npt.NDArray[np.float32]]:
@@ -490,6 +620,24 @@ class CodeRunner:
         ):
             codes = self.model(pixels)
         return {name: c.float().cpu().numpy() for name, c in codes.items()}
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` inside the block (0: unchanged).
+
+    NOTE: set per call and restored, so the plan applies to the forward
+    alone: a fine-tuning run later in the same process keeps every core.
+    """
+    previous = torch.get_num_threads()
+    if not threads or threads == previous:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class _ShardBuffer:
@@ -552,7 +700,7 @@ def _provenance(
         "dtype": options.dtype,
         "batch_size": options.batch_size,
         "compute": {
-            "engine": options.engine,
+            "engine": resolve_engine(options.engine, device, precision),
             "device": device.type,
             "precision": precision,
             "channels_last": options.channels_last,

@@ -29,6 +29,7 @@ DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORAGE_DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "lzf", "gzip")
+ENGINES = ("auto", "torch", "onnxruntime")
 FINGERPRINTS = ("stat", "content")
 STRATEGIES = {
     "auto": "auto",
@@ -191,8 +192,9 @@ class ExtractConfig:
     compression: str = "none"
     views: int = 1
     shard_size: int = 1024
-    engine: str = "torch"
+    engine: str = "auto"
     cache_dir: Path | None = None
+    threads: int = -1
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -220,7 +222,7 @@ class ExtractConfig:
         _check_choice("extract", "precision", self.precision, PRECISIONS)
         _check_choice("extract", "dtype", self.dtype, STORAGE_DTYPES)
         _check_choice("extract", "compression", self.compression, COMPRESSIONS)
-        _check_choice("extract", "engine", self.engine, ("torch", "onnxruntime"))
+        _check_choice("extract", "engine", self.engine, ENGINES)
         if self.num_workers < -1:
             raise ConfigError(
                 "[extract] num_workers must be -1 (auto), 0 (main process) or "
@@ -231,6 +233,11 @@ class ExtractConfig:
         if self.shard_size <= 0:
             raise ConfigError(
                 f"[extract] shard_size must be > 0, got {self.shard_size}"
+            )
+        if self.threads < -1 or self.threads == 0:
+            raise ConfigError(
+                "[extract] threads must be -1 (chosen with the loader workers) or "
+                f">= 1, got {self.threads}"
             )
 
 

@@ -115,4 +115,5 @@ def extract_options(cfg: Config) -> ExtractOptions:
         max_pixels=cfg.data.max_pixels,
         progress=cfg.run.progress,
         engine=e.engine,
+        threads=e.threads,
     )

@@ -21,6 +21,7 @@ TINY = [
     "backbone.resize_size=32",
     "extract.batch_size=4",
     "extract.num_workers=0",
+    "extract.engine=torch",
     "run.progress=false",
 ]
 

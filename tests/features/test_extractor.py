@@ -282,7 +282,7 @@ def test_extract_survives_sigkill_and_resumes_identically(tmp_path: Path) -> Non
     shutil.rmtree(tmp_path / "many")
 
 
-# --- fast decoding --------------------------------------------------------------------
+# --- decoding, loader plan, engines ------------------------------------------------
 
 # NOTE: the tolerance recorded in docs/benchmarks.md: EfficientNet-Lite0 codes
 # of fast-decoded camera photos had cosine >= 0.995 to full decoding's.
@@ -377,3 +377,40 @@ def test_extract_records_the_decoding_in_the_provenance(
     result = extract.run(make_config(image_folder))
     provenance = read_provenance(result.path)
     assert provenance["preprocessing"]["decode"] == "fast"
+
+
+def test_extract_logs_the_loader_plan_and_restores_torch_threads(
+    image_folder: Path, make_config: MakeConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    cfg = make_config(image_folder, "extract.num_workers=-1")
+    with caplog.at_level("INFO", logger="features.extractor"):
+        extract.run(cfg)
+    [line] = [r.message for r in caplog.records if r.message.startswith("loader:")]
+    assert "decode worker(s)" in line and "ms decoding" in line
+    assert torch.get_num_threads() == threads
+
+
+def test_resolve_engine_prefers_onnxruntime_for_fp32_on_the_cpu() -> None:
+    import torch
+
+    from features.extractor import resolve_engine
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_engine("auto", cpu, "fp32") == "onnxruntime"
+    assert resolve_engine("auto", cpu, "bf16") == "torch"
+    assert resolve_engine("auto", cuda, "bf16") == "torch"
+    assert resolve_engine("torch", cpu, "fp32") == "torch"
+
+
+def test_an_engine_the_exporter_refuses_says_to_use_torch(
+    image_folder: Path, make_config: MakeConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Exporting the operator 'foo' is not supported")
+
+    monkeypatch.setattr("features.onnx_engine.export_code_model", refuse)
+    with pytest.raises(BackboneError, match=r"extract.engine = 'auto'\) cannot export"):
+        extract.run(make_config(image_folder, "extract.engine=auto"))

@@ -49,6 +49,8 @@ BAD = [
     ("[data]\nval_fraction = 0.5\ntest_fraction = 0.5\n", r"must leave images for"),
     ("[data]\nbackground = [0, 0]\n", r"background must be three integers"),
     ("[data]\ndecode = 'draft'\n", r"\[data\] decode = 'draft' is not one of"),
+    ("[extract]\nthreads = 0\n", r"\[extract\] threads must be -1 .* or >= 1"),
+    ("[extract]\nengine = 'tvm'\n", r"\[extract\] engine = 'tvm' is not one of"),
     ("[data]\nroot = 3\n", r"\[data\] root must be a path string, got 3"),
     ("[backbone]\nname = 'resnet5'\n", r"name = 'resnet5' is not a known backbone"),
     ("[backbone]\nmean = [0.5]\n", r"mean must have 3 values"),
