@@ -22,7 +22,7 @@ import logging
 import platform
 import statistics
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,13 @@ from features.devices import (
     resolve_precision,
 )
 from features.errors import BackboneError, CacheMismatchError, ImageDecodeError
-from features.images import DEFAULT_MAX_PIXELS, decode_image
+from features.gpu_decode import (
+    GpuJpegDecoder,
+    jpeg_collate,
+    jpeg_source,
+    resolve_decoder,
+)
+from features.images import DEFAULT_MAX_PIXELS, decode_image, read_plain_jpeg
 from features.layers import (
     build_feature_extractor,
     depth_order,
@@ -100,6 +106,7 @@ class ExtractOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
     engine: str = "auto"
+    decoder: str = "auto"
     threads: int = -1
 
 
@@ -179,8 +186,15 @@ class CodeModel(nn.Module):
         return codes
 
 
-class _RowDataset(Dataset[tuple[int, torch.Tensor, bool, str]]):
-    """Row i -> (i, uint8 image tensor, decoded?, failure reason)."""
+Item = tuple[int, torch.Tensor, bool, str]
+
+
+class _RowDataset(Dataset[Any]):
+    """Row i -> (i, uint8 image tensor, decoded?, failure reason).
+
+    With `gpu_jpeg`, items carry a fifth entry: the row's JPEG bytes when a
+    GPU decoder can take them (the pixels are then a placeholder), else None.
+    """
 
     def __init__(
         self,
@@ -188,6 +202,8 @@ class _RowDataset(Dataset[tuple[int, torch.Tensor, bool, str]]):
         table: ImageTable,
         prep: Preprocessing,
         options: ExtractOptions,
+        *,
+        gpu_jpeg: bool = False,
     ) -> None:
         self.files = files
         self.row_image = table.row_image
@@ -199,23 +215,31 @@ class _RowDataset(Dataset[tuple[int, torch.Tensor, bool, str]]):
         self.view_side = decode_side(prep, crop_scale=VIEW_CROP_SCALE)
         self.size = prep.input_size
         self.options = options
+        self.gpu_jpeg = gpu_jpeg
 
     def __len__(self) -> int:
         return len(self.row_image)
 
-    def __getitem__(self, row: int) -> tuple[int, torch.Tensor, bool, str]:
+    def __getitem__(self, row: int) -> Any:
         file = self.files[int(self.row_image[row])]
         view = int(self.row_view[row])
+        if not self.gpu_jpeg:
+            return self.item(row, file, view)
+        # NOTE: augmented views keep the CPU path: their seeded random crops
+        # are defined on PIL images.
+        jpeg = (
+            None if view else read_plain_jpeg(file, max_pixels=self.options.max_pixels)
+        )
+        if jpeg is None:
+            return (*self.item(row, file, view), None)
+        return row, self._blank(), True, "", jpeg_source(file, *jpeg)
+
+    def item(self, row: int, file: Path, view: int) -> Item:
+        """The row decoded and transformed on the CPU."""
         try:
-            image = decode_image(
-                file,
-                max_pixels=self.options.max_pixels,
-                background=self.options.background,
-                min_side=self.view_side if view else self.eval_side,
-            )
+            image = self.decode(file, self.view_side if view else self.eval_side)
         except ImageDecodeError as err:
-            blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
-            return row, blank, False, str(err).removeprefix(f"{file}: ")
+            return row, self._blank(), False, str(err).removeprefix(f"{file}: ")
         if view == 0:
             return row, self.eval_transform(image), True, ""
         # NOTE: the view's randomness comes from (seed, row) alone, so it is the
@@ -225,6 +249,22 @@ class _RowDataset(Dataset[tuple[int, torch.Tensor, bool, str]]):
             # CUDA seeding call with a formatted stack on every call.
             torch.default_generator.manual_seed(_row_seed(self.options.seed, row))
             return row, self.view_transform(image), True, ""
+
+    def decode(self, file: Path, side: int | None) -> Any:
+        """One file as an RGB PIL image (ImageDecodeError when unreadable)."""
+        return decode_image(
+            file,
+            max_pixels=self.options.max_pixels,
+            background=self.options.background,
+            min_side=side,
+        )
+
+    def cpu_pixels(self, file: Path) -> torch.Tensor:
+        """View 0 of `file` decoded on the CPU: the GPU decoder's fallback."""
+        return self.eval_transform(self.decode(file, self.eval_side))
+
+    def _blank(self) -> torch.Tensor:
+        return torch.zeros(3, self.size, self.size, dtype=torch.uint8)
 
 
 def _row_seed(seed: int, row: int) -> int:
@@ -472,25 +512,47 @@ def _loader(
     options: ExtractOptions,
     device: torch.device,
     compute: Any,
-) -> DataLoader[Any]:
+) -> Iterable[Any]:
     """Batches of (rows, pixels, ok, reasons), decoded as the plan says.
 
     Also sets `compute`'s threads: the loader plan shares the cores
     between the decoders and the forward.
     """
     files = [images.absolute(r) for r in images.records]
-    dataset = _RowDataset(files, table, model.preprocessing, options)
+    gpu = resolve_decoder(options.decoder, device) == "nvjpeg"
+    dataset = _RowDataset(files, table, model.preprocessing, options, gpu_jpeg=gpu)
     plan = _plan(dataset, rows, compute, options, device)
     log.info("loader: %s", plan.describe())
     if plan.forward_threads:
         compute.set_threads(plan.forward_threads)
-    return DataLoader(
+    loader = DataLoader(
         Subset(dataset, rows),
         batch_size=options.batch_size,
         num_workers=plan.workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if plan.workers else None,
         worker_init_fn=functools.partial(_init_worker, plan.worker_threads),
+        collate_fn=jpeg_collate if gpu else None,
+    )
+    if not gpu:
+        return loader
+    decoder = GpuJpegDecoder(model.preprocessing, device, dataset.cpu_pixels)
+    return _gpu_batches(loader, decoder)
+
+
+def _gpu_batches(
+    loader: Iterable[Any], decoder: GpuJpegDecoder
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]]:
+    """The loader's batches with their JPEGs decoded on the GPU."""
+    for rows, pixels, ok, reasons, jpegs in loader:
+        yield rows, *decoder(pixels, ok, reasons, jpegs)
+    c = decoder.counts
+    log.info(
+        "nvJPEG decoded %d images; %d decoded on the CPU after nvJPEG refused "
+        "them, %d unreadable (other formats and views: on the CPU)",
+        c.gpu,
+        c.cpu_fallback,
+        c.failed,
     )
 
 
@@ -706,6 +768,7 @@ def _provenance(
             "channels_last": options.channels_last,
             "chunk": compute_chunk(options, device),
             "fold_batchnorm": model.folded > 0,
+            "decoder": resolve_decoder(options.decoder, device),
         },
         "decode": {"background": list(options.background)},
         "images": image_identity(images),

@@ -84,6 +84,7 @@ _ALPHA_MODES = frozenset({"LA", "PA", "RGBA", "RGBa"})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 _HIGH_DEPTH_MODES = _SIXTEEN_BIT_MODES | {"I", "F"}
 _REDUCE_BEFORE_RGB = frozenset({"RGB", "L"})
+_ORIENTATION_TAG = 0x0112
 _UINT16_MAX = 65_535
 # NOTE: float arrays are accepted up to one 8-bit level outside 0..1 and clipped,
 # because resampling (bicubic, antialiasing) overshoots the range slightly.
@@ -165,6 +166,45 @@ def decode_image(
         except ImageDecodeError as error:
             raise ImageDecodeError(f"{path}: {error}") from error
     return rgb if min_side is None else reduce_to(rgb, min_side)
+
+
+def read_plain_jpeg(
+    path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[bytes, int, tuple[int, int]] | None:
+    """A file's bytes when a GPU JPEG decoder can take it, else None.
+
+    Taken: complete (ending in the EOI marker) baseline JPEGs in YCbCr or
+    grayscale within `max_pixels`. Everything else (other formats, CMYK,
+    progressive or truncated JPEGs, refused files) returns None and takes
+    `decode_image`, which converts it, or reports why it cannot.
+
+    Returns:
+        (the file's bytes, its EXIF orientation 1..8, its stored (width,
+        height)), or None.
+    """
+    try:
+        with _open_checked(path, max_pixels) as image:
+            if (
+                image.format != "JPEG"
+                or image.mode not in _REDUCE_BEFORE_RGB
+                or image.info.get("progressive")
+            ):
+                return None
+            orientation = _exif_orientation(image)
+            size = image.size
+        data = path.read_bytes()
+    except (ImageDecodeError, OSError):
+        return None
+    return (data, orientation, size) if data.endswith(b"\xff\xd9") else None
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1..8), 1 when absent or unreadable."""
+    try:
+        value = image.getexif().get(_ORIENTATION_TAG, 1)
+    except _PILLOW_DATA_ERRORS:
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def draft_scale(size: tuple[int, int], min_side: int) -> int:

@@ -29,6 +29,7 @@ DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORAGE_DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "lzf", "gzip")
+DECODERS = ("auto", "pillow", "nvjpeg")
 ENGINES = ("auto", "torch", "onnxruntime")
 FINGERPRINTS = ("stat", "content")
 STRATEGIES = {
@@ -194,6 +195,7 @@ class ExtractConfig:
     shard_size: int = 1024
     engine: str = "auto"
     cache_dir: Path | None = None
+    decoder: str = "auto"
     threads: int = -1
 
     def __post_init__(self) -> None:
@@ -234,6 +236,7 @@ class ExtractConfig:
             raise ConfigError(
                 f"[extract] shard_size must be > 0, got {self.shard_size}"
             )
+        _check_choice("extract", "decoder", self.decoder, DECODERS)
         if self.threads < -1 or self.threads == 0:
             raise ConfigError(
                 "[extract] threads must be -1 (chosen with the loader workers) or "

@@ -115,5 +115,6 @@ def extract_options(cfg: Config) -> ExtractOptions:
         max_pixels=cfg.data.max_pixels,
         progress=cfg.run.progress,
         engine=e.engine,
+        decoder=e.decoder,
         threads=e.threads,
     )

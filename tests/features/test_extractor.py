@@ -377,6 +377,7 @@ def test_extract_records_the_decoding_in_the_provenance(
     result = extract.run(make_config(image_folder))
     provenance = read_provenance(result.path)
     assert provenance["preprocessing"]["decode"] == "fast"
+    assert provenance["compute"]["decoder"] == "pillow"
 
 
 def test_extract_logs_the_loader_plan_and_restores_torch_threads(
@@ -391,6 +392,36 @@ def test_extract_logs_the_loader_plan_and_restores_torch_threads(
     [line] = [r.message for r in caplog.records if r.message.startswith("loader:")]
     assert "decode worker(s)" in line and "ms decoding" in line
     assert torch.get_num_threads() == threads
+
+
+def test_extract_through_the_gpu_decoding_path_on_the_cpu(
+    tmp_path: Path, make_config: MakeConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The nvJPEG route end to end, torchvision's CPU decoder standing in."""
+    from features import gpu_decode
+    from tests.features.test_gpu_decode import cpu_decode_jpeg
+
+    root = tmp_path / "photos"
+    for c in ("a", "b"):
+        for i in range(4):
+            write_photo(
+                root / c / f"{i}.jpg", (400 + 40 * i, 300), orientation=6 * (i % 2)
+            )
+        write_png(root / c / "flat.png", seed=3)
+    cut = root / "a" / "0.jpg"
+    cut.write_bytes(cut.read_bytes()[:-500])
+    size = ("backbone.input_size=64", "backbone.resize_size=72")
+    cpu = extract.run(make_config(root, *size, "extract.cache_dir='cpu'"))
+    monkeypatch.setattr(
+        "features.extractor.resolve_decoder", lambda spec, device: "nvjpeg"
+    )
+    monkeypatch.setattr(gpu_decode, "nvjpeg_decode", lambda device: cpu_decode_jpeg)
+    gpu = extract.run(make_config(root, *size, "extract.cache_dir='gpu'"))
+    assert gpu.skipped == cpu.skipped and len(gpu.skipped) == 1
+    assert "truncated" in gpu.skipped[0][1]
+    a, b = load_codes(cpu.path).X, load_codes(gpu.path).X
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert (cosine > 0.99).all(), cosine
 
 
 def test_resolve_engine_prefers_onnxruntime_for_fp32_on_the_cpu() -> None:

@@ -24,6 +24,7 @@ from features.images import (
     decode_image,
     draft_scale,
     probe_image,
+    read_plain_jpeg,
     reduce_to,
     to_rgb,
 )
@@ -685,3 +686,31 @@ def test_reduce_to_uses_the_largest_factor_keeping_the_side() -> None:
     image = Image.new("RGB", (1001, 700))
     assert reduce_to(image, 200).size == (334, 234)  # factor 3, sizes rounded up
     assert reduce_to(image, 400) is image  # 700 // 400 = 1: unchanged
+
+
+def test_read_plain_jpeg_takes_complete_baseline_jpegs(
+    tmp_path: Path, photo: Path
+) -> None:
+    found = read_plain_jpeg(photo)
+    assert found is not None
+    data, orientation, size = found
+    assert data == photo.read_bytes() and orientation == 1 and size == (1600, 1200)
+    side = write_photo(tmp_path / "side.jpg", (320, 240), orientation=6)
+    assert read_plain_jpeg(side)[1:] == (6, (240, 320))  # type: ignore[index]
+
+
+def test_read_plain_jpeg_leaves_other_files_to_the_cpu(
+    tmp_path: Path, photo: Path
+) -> None:
+    png = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(png)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(photo.read_bytes()[:-100])
+    others = [
+        png,
+        write_photo(tmp_path / "cmyk.jpg", (64, 48), mode="CMYK"),
+        write_photo(tmp_path / "prog.jpg", (64, 48), progressive=True),
+        cut,
+        tmp_path / "missing.jpg",
+    ]
+    assert [read_plain_jpeg(p) for p in others] == [None] * len(others)

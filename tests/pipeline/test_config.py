@@ -49,6 +49,7 @@ BAD = [
     ("[data]\nval_fraction = 0.5\ntest_fraction = 0.5\n", r"must leave images for"),
     ("[data]\nbackground = [0, 0]\n", r"background must be three integers"),
     ("[data]\ndecode = 'draft'\n", r"\[data\] decode = 'draft' is not one of"),
+    ("[extract]\ndecoder = 'gpu'\n", r"\[extract\] decoder = 'gpu' is not one of"),
     ("[extract]\nthreads = 0\n", r"\[extract\] threads must be -1 .* or >= 1"),
     ("[extract]\nengine = 'tvm'\n", r"\[extract\] engine = 'tvm' is not one of"),
     ("[data]\nroot = 3\n", r"\[data\] root must be a path string, got 3"),
