@@ -476,7 +476,7 @@ ENGINES = ("auto", "torch", "onnxruntime")
 def resolve_engine(spec: str, device: torch.device, precision: str) -> str:
     """ "auto" is onnxruntime for a float32 forward on the CPU, torch elsewhere.
 
-    NOTE: on the CPU onnxruntime ran EfficientNet-Lite0 about 4x faster than
+    NOTE: on the CPU onnxruntime ran EfficientNet-Lite0 3.4x faster than
     torch eager per thread (docs/benchmarks.md); on GPUs torch keeps
     autocast and channels_last.
     """

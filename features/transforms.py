@@ -38,7 +38,7 @@ TRAIN_CROP_SCALE = (0.08, 1.0)
 # Keeping just the target (a 4000x3000 photo decoded at 1/8 scale) blurred
 # enough to bring 10 of the 200 benchmark photos' codes below cosine 0.995
 # to full decoding's (min 0.9936); twice the target (1/4 scale) gave min
-# 0.9991 for 14% more decoding time (docs/benchmarks.md).
+# 0.9991 for 15% more decoding time (docs/benchmarks.md).
 FAST_DECODE_GAP = 2
 # RandomResizedCrop's aspect ratios: 3/4 to 4/3 (torchvision's default).
 _CROP_RATIO = (3 / 4, 4 / 3)
