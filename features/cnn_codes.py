@@ -43,6 +43,8 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         input_size: overrides the backbone's input size.
         seed: seeds random weights.
         progress: show a progress bar.
+        decode: "fast" decodes large image files small (JPEG DCT scaling,
+            box reduction) before the resize, "full" decodes every pixel.
 
     Example:
         >>> from sklearn.pipeline import make_pipeline
@@ -63,6 +65,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         input_size: int | None = None,
         seed: int = 0,
         progress: bool = False,
+        decode: str = "fast",
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -74,6 +77,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         self.input_size = input_size
         self.seed = seed
         self.progress = progress
+        self.decode = decode
 
     def fit(self, X: Any = None, y: Any = None) -> CNNCodes:
         """Build the frozen backbone cut at `layer` (nothing is learned).
@@ -87,9 +91,14 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         return self
 
     def _validate(self) -> None:
+        from features.images import DECODE_MODES
         from features.pooling import parse_pooling
 
         parse_pooling(self.pooling)  # raises ValueError with the valid spellings
+        if self.decode not in DECODE_MODES:
+            raise ValueError(
+                f"decode must be one of {list(DECODE_MODES)}, got {self.decode!r}"
+            )
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(
                 f"batch_size must be a positive int, got {self.batch_size!r}"
@@ -99,7 +108,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         from features.backbones import build_backbone
         from features.extractor import CodeModel
 
-        prep = {"input_size": self.input_size}
+        prep = {"input_size": self.input_size, "decode": self.decode}
         self.backbone_ = build_backbone(
             self.backbone, self.weights, seed=self.seed, preprocessing=prep
         )
@@ -128,6 +137,10 @@ class CNNCodes(TransformerMixin, BaseEstimator):
             device=self.device,
             num_workers=0,
             progress=self.progress,
+            # NOTE: without cache_dir every transform extracts into a fresh
+            # temporary folder, where the onnxruntime engine would be
+            # exported again each time.
+            engine="torch",
         )
 
     def _transform_paths(self, paths: list[Path]) -> npt.NDArray[np.float32]:
@@ -160,8 +173,8 @@ class CNNCodes(TransformerMixin, BaseEstimator):
 
         from features.devices import resolve_device, resolve_precision
         from features.extractor import CodeRunner
-        from features.images import to_rgb
-        from features.transforms import eval_transform
+        from features.images import reduce_to, to_rgb
+        from features.transforms import decode_side, eval_transform
 
         options = self._options()
         device = resolve_device(options.device)
@@ -169,10 +182,12 @@ class CNNCodes(TransformerMixin, BaseEstimator):
             self.model_, options, device, resolve_precision(options.precision, device)
         )
         prepare = eval_transform(self.model_.preprocessing)
+        side = decode_side(self.model_.preprocessing)
         out = []
         for start in range(0, len(items), self.batch_size):
             batch = [
-                prepare(to_rgb(item)) for item in items[start : start + self.batch_size]
+                prepare(to_rgb(item) if side is None else reduce_to(to_rgb(item), side))
+                for item in items[start : start + self.batch_size]
             ]
             codes = runner(torch.stack(batch))
             out.append(next(iter(codes.values())))

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
 import platform
+import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +62,9 @@ from features.cache import (
 from features.data import ImageRecord, ImageSet, Skipped
 from features.devices import (
     PRECISION_DTYPES,
-    default_workers,
+    LoaderPlan,
+    available_cpus,
+    plan_loader,
     resolve_device,
     resolve_precision,
 )
@@ -77,7 +81,13 @@ from features.errors import (
     DistributedError,
     ImageDecodeError,
 )
-from features.images import DEFAULT_MAX_PIXELS, decode_image
+from features.gpu_decode import (
+    GpuJpegDecoder,
+    jpeg_collate,
+    jpeg_source,
+    resolve_decoder,
+)
+from features.images import DEFAULT_MAX_PIXELS, decode_image, read_plain_jpeg
 from features.layers import (
     as_nchw,
     build_feature_extractor,
@@ -94,6 +104,7 @@ from features.transforms import (
     VIEW_CROP_SCALE,
     Normalize,
     Preprocessing,
+    decode_side,
     eval_transform,
     view_transform,
 )
@@ -122,7 +133,9 @@ class ExtractOptions:
     background: tuple[int, ...] = (255, 255, 255)
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
-    engine: str = "torch"
+    engine: str = "auto"
+    decoder: str = "auto"
+    threads: int = -1
 
 
 @dataclass(frozen=True)
@@ -206,8 +219,15 @@ class CodeModel(nn.Module):
         return codes
 
 
-class _RowDataset(Dataset[tuple[int, torch.Tensor, bool, str]]):
-    """Row i -> (i, uint8 image tensor, decoded?, failure reason)."""
+Item = tuple[int, torch.Tensor, bool, str]
+
+
+class _RowDataset(Dataset[Any]):
+    """Row i -> (i, uint8 image tensor, decoded?, failure reason).
+
+    With `gpu_jpeg`, items carry a fifth entry: the row's JPEG bytes when a
+    GPU decoder can take them (the pixels are then a placeholder), else None.
+    """
 
     def __init__(
         self,
@@ -215,30 +235,44 @@ class _RowDataset(Dataset[tuple[int, torch.Tensor, bool, str]]):
         table: ImageTable,
         prep: Preprocessing,
         options: ExtractOptions,
+        *,
+        gpu_jpeg: bool = False,
     ) -> None:
         self.files = files
         self.row_image = table.row_image
         self.row_view = table.row_view
         self.eval_transform = eval_transform(prep)
         self.view_transform = view_transform(prep)
+        # NOTE: augmented views crop, so fast decoding keeps them more pixels.
+        self.eval_side = decode_side(prep)
+        self.view_side = decode_side(prep, crop_scale=VIEW_CROP_SCALE)
         self.size = prep.input_size
         self.options = options
+        self.gpu_jpeg = gpu_jpeg
 
     def __len__(self) -> int:
         return len(self.row_image)
 
-    def __getitem__(self, row: int) -> tuple[int, torch.Tensor, bool, str]:
+    def __getitem__(self, row: int) -> Any:
         file = self.files[int(self.row_image[row])]
-        try:
-            image = decode_image(
-                file,
-                max_pixels=self.options.max_pixels,
-                background=self.options.background,
-            )
-        except ImageDecodeError as err:
-            blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
-            return row, blank, False, str(err).removeprefix(f"{file}: ")
         view = int(self.row_view[row])
+        if not self.gpu_jpeg:
+            return self.item(row, file, view)
+        # NOTE: augmented views keep the CPU path: their seeded random crops
+        # are defined on PIL images.
+        jpeg = (
+            None if view else read_plain_jpeg(file, max_pixels=self.options.max_pixels)
+        )
+        if jpeg is None:
+            return (*self.item(row, file, view), None)
+        return row, self._blank(), True, "", jpeg_source(file, *jpeg)
+
+    def item(self, row: int, file: Path, view: int) -> Item:
+        """The row decoded and transformed on the CPU."""
+        try:
+            image = self.decode(file, self.view_side if view else self.eval_side)
+        except ImageDecodeError as err:
+            return row, self._blank(), False, str(err).removeprefix(f"{file}: ")
         if view == 0:
             return row, self.eval_transform(image), True, ""
         # NOTE: the view's randomness comes from (seed, row) alone, so it is the
@@ -248,6 +282,22 @@ class _RowDataset(Dataset[tuple[int, torch.Tensor, bool, str]]):
             # CUDA seeding call with a formatted stack on every call.
             torch.default_generator.manual_seed(_row_seed(self.options.seed, row))
             return row, self.view_transform(image), True, ""
+
+    def decode(self, file: Path, side: int | None) -> Any:
+        """One file as an RGB PIL image (ImageDecodeError when unreadable)."""
+        return decode_image(
+            file,
+            max_pixels=self.options.max_pixels,
+            background=self.options.background,
+            min_side=side,
+        )
+
+    def cpu_pixels(self, file: Path) -> torch.Tensor:
+        """View 0 of `file` decoded on the CPU: the GPU decoder's fallback."""
+        return self.eval_transform(self.decode(file, self.eval_side))
+
+    def _blank(self) -> torch.Tensor:
+        return torch.zeros(3, self.size, self.size, dtype=torch.uint8)
 
 
 def _row_seed(seed: int, row: int) -> int:
@@ -644,8 +694,8 @@ def _forward(
 ) -> Failures:
     """Compute and commit the shards `todo`; return their failed decodes."""
     rows = [row for shard in todo for row in store.rows(shard)]
-    loader = _loader(model, images, table, rows, options, device)
     compute = _runner(model, store, options, device, precision)
+    loader = _loader(model, images, table, rows, options, device, compute)
     shards = _ShardBuffer(store)
     # One bar per job: rank 0's, counting its own share under torchrun.
     total = len(table.row_image) if world.size == 1 else len(rows)
@@ -669,9 +719,9 @@ def _runner(
     device: torch.device,
     precision: str,
 ) -> Any:
-    if options.engine == "torch":
+    if resolve_engine(options.engine, device, precision) == "torch":
         return CodeRunner(model, options, device, precision)
-    from features.onnx_engine import OnnxRunner, export_code_model
+    from features.onnx_engine import OnnxRunner
 
     # Exported once per network and layers, beside the code caches.
     identity = {
@@ -682,9 +732,47 @@ def _runner(
     }
     path = store.parts.parent / f"engine-{cache_key(identity)[:16]}.onnx"
     if not path.exists():
-        size = model.preprocessing.input_size
-        export_code_model(model, model.specs, size, path)
-    return OnnxRunner(path, [s.name for s in model.specs], device)
+        _export_engine(model, path, options.engine)
+    return OnnxRunner(
+        path,
+        [s.name for s in model.specs],
+        device,
+        chunk=compute_chunk(options, device),
+    )
+
+
+ENGINES = ("auto", "torch", "onnxruntime")
+
+
+def resolve_engine(spec: str, device: torch.device, precision: str) -> str:
+    """ "auto" is onnxruntime for a float32 forward on the CPU, torch elsewhere.
+
+    NOTE: on the CPU onnxruntime ran EfficientNet-Lite0 3.4x faster than
+    torch eager per thread (docs/benchmarks.md); on GPUs torch keeps
+    autocast and channels_last.
+    """
+    if spec != "auto":
+        return spec
+    return "onnxruntime" if device.type == "cpu" and precision == "fp32" else "torch"
+
+
+def _export_engine(model: CodeModel, path: Path, spec: str) -> None:
+    """Export the code model for onnxruntime, saying what to do if it cannot be.
+
+    Raises:
+        BackboneError: the exporter refused the network.
+    """
+    from features.onnx_engine import export_code_model
+
+    try:
+        export_code_model(model, model.specs, model.preprocessing.input_size, path)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise BackboneError(
+            f"the onnxruntime engine ({'chosen by ' if spec == 'auto' else ''}"
+            f"extract.engine = {spec!r}) cannot export {model.identity.get('name')}: "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; set "
+            "extract.engine = 'torch'"
+        ) from err
 
 
 def _loader(
@@ -694,18 +782,120 @@ def _loader(
     rows: Sequence[int],
     options: ExtractOptions,
     device: torch.device,
-) -> DataLoader[Any]:
+    compute: Any,
+) -> Iterable[Any]:
+    """Batches of (rows, pixels, ok, reasons), decoded as the plan says.
+
+    Also sets `compute`'s threads: the loader plan shares the cores
+    between the decoders and the forward.
+    """
     files = [images.absolute(r) for r in images.records]
-    workers = (
-        options.num_workers if options.num_workers >= 0 else default_workers(device)
-    )
-    return DataLoader(
-        Subset(_RowDataset(files, table, model.preprocessing, options), rows),
+    gpu = resolve_decoder(options.decoder, device) == "nvjpeg"
+    dataset = _RowDataset(files, table, model.preprocessing, options, gpu_jpeg=gpu)
+    plan = _plan(dataset, rows, compute, options, device)
+    log.info("loader: %s", plan.describe())
+    if plan.forward_threads:
+        compute.set_threads(plan.forward_threads)
+    loader = DataLoader(
+        Subset(dataset, rows),
         batch_size=options.batch_size,
-        num_workers=workers,
+        num_workers=plan.workers,
         pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=4 if plan.workers else None,
+        worker_init_fn=functools.partial(_init_worker, plan.worker_threads),
+        collate_fn=jpeg_collate if gpu else None,
     )
+    if not gpu:
+        return loader
+    decoder = GpuJpegDecoder(model.preprocessing, device, dataset.cpu_pixels)
+    return _gpu_batches(loader, decoder)
+
+
+def _gpu_batches(
+    loader: Iterable[Any], decoder: GpuJpegDecoder
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]]:
+    """The loader's batches with their JPEGs decoded on the GPU."""
+    for rows, pixels, ok, reasons, jpegs in loader:
+        yield rows, *decoder(pixels, ok, reasons, jpegs)
+    c = decoder.counts
+    log.info(
+        "nvJPEG decoded %d images; %d decoded on the CPU after nvJPEG refused "
+        "them, %d unreadable (other formats and views: on the CPU)",
+        c.gpu,
+        c.cpu_fallback,
+        c.failed,
+    )
+
+
+def _init_worker(threads: int, worker_id: int) -> None:
+    """Give a loader worker its planned torch threads."""
+    torch.set_num_threads(threads)
+
+
+CALIBRATION_IMAGES = 4
+"""Images decoded (in the main process) to measure the job's decode cost."""
+
+
+def _plan(
+    dataset: _RowDataset,
+    rows: Sequence[int],
+    compute: Any,
+    options: ExtractOptions,
+    device: torch.device,
+) -> LoaderPlan:
+    """Workers and threads for this job, from its own measured costs.
+
+    NOTE: only what `plan_loader` needs is measured: nothing when both are
+    set, or when the main process decodes (0 workers) on the CPU.
+    """
+    workers = options.num_workers if options.num_workers >= 0 else None
+    threads = options.threads if options.threads > 0 else None
+    on_cpu = device.type == "cpu"
+    needs = (workers is None or (on_cpu and threads is None)) and workers != 0
+    decode = forward = None
+    if needs and rows:
+        decode, forward = _calibrate(dataset, rows, compute, on_cpu)
+    return plan_loader(
+        cpus=available_cpus(),
+        forward_on_cpu=on_cpu,
+        decode_seconds=decode,
+        forward_seconds=forward,
+        workers=workers,
+        threads=threads,
+    )
+
+
+def _calibrate(
+    dataset: _RowDataset, rows: Sequence[int], compute: Any, on_cpu: bool
+) -> tuple[float, float]:
+    """(seconds to decode one image on a core, seconds of one image's forward).
+
+    Decodes a few rows spread over the job; the CPU forward is timed on one
+    thread, after a warm-up call, on a chunk of those images.
+    """
+    count = min(CALIBRATION_IMAGES, len(rows))
+    picked = [rows[i * len(rows) // count] for i in range(count)]
+    times, pixels = [], []
+    for row in picked:
+        start = time.perf_counter()
+        item = dataset[row]
+        times.append(time.perf_counter() - start)
+        pixels.append(item[1])
+    chunk = compute_chunk_of(compute)
+    batch = torch.stack((pixels * chunk)[:chunk])
+    if on_cpu:
+        # NOTE: the caller sets the planned threads right after.
+        compute.set_threads(1)
+    compute(batch)  # warm-up: lazy initialisation, first allocations
+    start = time.perf_counter()
+    compute(batch)
+    forward = (time.perf_counter() - start) / len(batch)
+    return statistics.median(times), forward
+
+
+def compute_chunk_of(compute: Any) -> int:
+    """Images per forward call of a runner (CodeRunner or OnnxRunner)."""
+    return int(getattr(compute, "chunk", None) or 8)
 
 
 def compute_chunk(options: ExtractOptions, device: torch.device) -> int:
@@ -738,9 +928,15 @@ class CodeRunner:
         if self.format is not None:
             self.model = self.model.to(memory_format=self.format)
         self.amp = PRECISION_DTYPES[precision]
+        self.threads = 0  # 0: torch's own setting
+
+    def set_threads(self, threads: int) -> None:
+        """Run later calls on `threads` torch threads (0: leave torch's setting)."""
+        self.threads = threads
 
     def __call__(self, pixels: torch.Tensor) -> dict[str, npt.NDArray[np.float32]]:
-        parts = [self._run(chunk) for chunk in pixels.split(self.chunk)]
+        with _torch_threads(self.threads):
+            parts = [self._run(chunk) for chunk in pixels.split(self.chunk)]
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     def _run(self, pixels: torch.Tensor) -> dict[str, npt.NDArray[np.float32]]:
@@ -757,6 +953,24 @@ class CodeRunner:
         ):
             codes = self.model(pixels)
         return {name: c.float().cpu().numpy() for name, c in codes.items()}
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` inside the block (0: unchanged).
+
+    NOTE: set per call and restored, so the plan applies to the forward
+    alone: a fine-tuning run later in the same process keeps every core.
+    """
+    previous = torch.get_num_threads()
+    if not threads or threads == previous:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class _ShardBuffer:
@@ -822,12 +1036,13 @@ def _provenance(
         "dtype": options.dtype,
         "batch_size": options.batch_size,
         "compute": {
-            "engine": options.engine,
+            "engine": resolve_engine(options.engine, device, precision),
             "device": device.type,
             "precision": precision,
             "channels_last": options.channels_last,
             "chunk": compute_chunk(options, device),
             "fold_batchnorm": model.folded > 0,
+            "decoder": resolve_decoder(options.decoder, device),
         },
         "decode": {"background": list(options.background)},
         "images": image_identity(images),

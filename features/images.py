@@ -5,7 +5,9 @@ Every image goes through two steps:
 - `probe_image` reads only the header (size, format) so that empty, unreadable,
   non-image and oversized files are rejected before any compute is spent;
 - `decode_image` decodes the pixels into a fully loaded 8-bit "RGB" image whose file
-  handle is already closed, applying EXIF orientation and `to_rgb`'s mode rules.
+  handle is already closed, applying EXIF orientation and `to_rgb`'s mode rules;
+  with `min_side` it decodes large images small (JPEG DCT scaling, then box
+  reduction), for callers that resize them to about that size anyway.
 
 Both raise `ImageDecodeError("<path>: <reason>")`, which extraction catches to skip
 and report one image. Everything here is a plain function without global state, so
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from features.errors import ImageDecodeError
 
@@ -33,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS: int = 89_478_485
 """Pillow's own default decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`)."""
+
+DECODE_MODES: tuple[str, ...] = ("fast", "full")
+"""`data.decode`: "fast" decodes large images small (JPEG DCT scaling, box
+reduction) for a resize that follows; "full" decodes every pixel."""
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {
@@ -77,6 +83,8 @@ _PILLOW_DATA_ERRORS = (
 _ALPHA_MODES = frozenset({"LA", "PA", "RGBA", "RGBa"})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 _HIGH_DEPTH_MODES = _SIXTEEN_BIT_MODES | {"I", "F"}
+_REDUCE_BEFORE_RGB = frozenset({"RGB", "L"})
+_ORIENTATION_TAG = 0x0112
 _UINT16_MAX = 65_535
 # NOTE: float arrays are accepted up to one 8-bit level outside 0..1 and clipped,
 # because resampling (bicubic, antialiasing) overshoots the range slightly.
@@ -108,17 +116,28 @@ def decode_image(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     background: tuple[int, ...] = (255, 255, 255),
+    min_side: int | None = None,
 ) -> Image.Image:
     """Decode an image file into a fully loaded 8-bit RGB image.
 
     The EXIF orientation is applied, multi-frame files (GIF, TIFF, ...) give
     their first frame, and every mode is converted by `to_rgb`.
 
+    Fast decoding (`min_side` given) makes large images small while decoding
+    them, for callers that resize them anyway: a JPEG is decoded at the
+    smallest DCT scale (1/2, 1/4 or 1/8, libjpeg's scaled IDCT) whose shorter
+    side is still at least `min_side`, and an image of any format whose
+    shorter side is still twice `min_side` or more is box-reduced by the
+    largest integer factor that keeps it (`Image.reduce`). Images smaller than
+    twice `min_side` are decoded exactly as without it.
+
     Args:
         path: The image file.
         max_pixels: The largest width * height accepted; larger images are refused
             as possible decompression bombs.
         background: The RGB colour transparent pixels are composited over.
+        min_side: The shorter side (after EXIF orientation) the result must
+            keep at least; None decodes at full size.
 
     Returns:
         A new image of mode "RGB", independent of the (closed) file.
@@ -126,17 +145,119 @@ def decode_image(
     Raises:
         ImageDecodeError: if `probe_image` refuses the file, or its data is
             truncated or corrupt, or its mode cannot be converted to RGB.
-        ValueError: if `background` is not three integers in 0..255.
+        ValueError: if `background` is not three integers in 0..255, or
+            `min_side` is not a positive integer.
     """
+    _check_min_side(min_side)
     with _open_checked(path, max_pixels) as image:
+        if min_side is not None:
+            _draft(image, min_side)
         _load_pixels(path, image)
         _apply_exif_orientation(path, image)
+        source: Image.Image = image
+        if min_side is not None and _reduces_before_rgb(image):
+            # NOTE: reducing opaque "RGB" or "L" commutes with the conversion
+            # to RGB, so the conversion runs on the small image.
+            source = reduce_to(image, min_side)
         try:
             # NOTE: to_rgb always returns a new image, so the result outlives the
             # file-backed one that this `with` block closes.
-            return to_rgb(image, background=background)
+            rgb = to_rgb(source, background=background)
         except ImageDecodeError as error:
             raise ImageDecodeError(f"{path}: {error}") from error
+    return rgb if min_side is None else reduce_to(rgb, min_side)
+
+
+def read_plain_jpeg(
+    path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[bytes, int, tuple[int, int]] | None:
+    """A file's bytes when a GPU JPEG decoder can take it, else None.
+
+    Taken: complete (ending in the EOI marker) baseline JPEGs in YCbCr or
+    grayscale within `max_pixels`. Everything else (other formats, CMYK,
+    progressive or truncated JPEGs, refused files) returns None and takes
+    `decode_image`, which converts it, or reports why it cannot.
+
+    Returns:
+        (the file's bytes, its EXIF orientation 1..8, its stored (width,
+        height)), or None.
+    """
+    try:
+        with _open_checked(path, max_pixels) as image:
+            if (
+                image.format != "JPEG"
+                or image.mode not in _REDUCE_BEFORE_RGB
+                or image.info.get("progressive")
+            ):
+                return None
+            orientation = _exif_orientation(image)
+            size = image.size
+        data = path.read_bytes()
+    except (ImageDecodeError, OSError):
+        return None
+    return (data, orientation, size) if data.endswith(b"\xff\xd9") else None
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1..8), 1 when absent or unreadable."""
+    try:
+        value = image.getexif().get(_ORIENTATION_TAG, 1)
+    except _PILLOW_DATA_ERRORS:
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def draft_scale(size: tuple[int, int], min_side: int) -> int:
+    """The DCT scale divisor (1, 2, 4 or 8) fast decoding uses for a JPEG of `size`.
+
+    The same rule as Pillow's `JpegImageFile.draft` given a `min_side` square:
+    the largest divisor that keeps both sides at least `min_side`.
+    """
+    ratio = min(size) // min_side
+    return next((s for s in (8, 4, 2) if ratio >= s), 1)
+
+
+def reduce_to(image: Image.Image, min_side: int) -> Image.Image:
+    """`image` box-reduced by the largest integer factor keeping `min_side`.
+
+    Returns `image` itself when it is less than twice `min_side` on its
+    shorter side. Pillow rounds the reduced size up, so it never drops below
+    `min_side`.
+    """
+    factor = min(image.size) // min_side
+    return image.reduce(factor) if factor >= 2 else image
+
+
+def _reduces_before_rgb(image: Image.Image) -> bool:
+    """Whether `image` may be reduced before `to_rgb` with the same result.
+
+    NOTE: not with transparency: a colour key must match exact pixel values,
+    and compositing must come before averaging.
+    """
+    return image.mode in _REDUCE_BEFORE_RGB and not _has_transparency(image)
+
+
+def _check_min_side(min_side: int | None) -> None:
+    """Refuse a `min_side` that is not None or a positive integer."""
+    if min_side is not None and (
+        isinstance(min_side, bool) or not isinstance(min_side, int) or min_side < 1
+    ):
+        raise ValueError(
+            f"min_side must be a positive integer or None, got {min_side!r}"
+        )
+
+
+def _draft(image: ImageFile.ImageFile, min_side: int) -> None:
+    """Ask a JPEG decoder for the smallest DCT scale keeping `min_side`.
+
+    NOTE: the box is square, so Pillow's rule (the largest scale that covers
+    the box on both sides) constrains the shorter side only, and the choice
+    is the same whichever way the EXIF orientation turns the image later: a
+    portrait photo stored as landscape keeps `min_side` on its width.
+    MPO files (camera JPEGs with extra frames) are JpegImageFiles too.
+    """
+    if isinstance(image, JpegImagePlugin.JpegImageFile):
+        image.draft(image.mode, (min_side, min_side))
 
 
 def to_rgb(

@@ -133,21 +133,54 @@ class OnnxRunner:
     """Runs an exported code model on uint8 batches with onnxruntime.
 
     Same call contract as `features.extractor.CodeRunner`: a uint8 tensor
-    (N, 3, S, S) in, {spec name: float32 codes} out.
+    (N, 3, S, S) in, {spec name: float32 codes} out, run `chunk` images at a
+    time (on the CPU, small chunks keep activations in cache, as for torch).
+    The session is made at the first call, with the threads asked for then.
     """
 
-    def __init__(self, path: Path, names: Sequence[str], device: torch.device) -> None:
-        self.session = session(
-            path, device=device.type, threads=torch.get_num_threads()
-        )
+    def __init__(
+        self,
+        path: Path,
+        names: Sequence[str],
+        device: torch.device,
+        *,
+        chunk: int | None = None,
+    ) -> None:
+        self.path = path
+        self.device = device
+        self.chunk = chunk
         self.names = list(names)
         self.outputs = [f"codes_{i}" for i in range(len(names))]
+        self.threads = torch.get_num_threads()
+        self._session: Any = None
+
+    @property
+    def session(self) -> Any:
+        """The onnxruntime session (made on first use)."""
+        if self._session is None:
+            self._session = session(
+                self.path, device=self.device.type, threads=self.threads
+            )
+        return self._session
+
+    def set_threads(self, threads: int) -> None:
+        """Run later calls on `threads` intra-op threads (0: torch's count)."""
+        threads = threads or torch.get_num_threads()
+        if threads != self.threads:
+            self.threads, self._session = threads, None
 
     def __call__(self, pixels: torch.Tensor) -> dict[str, npt.NDArray[np.float32]]:
-        values = self.session.run(self.outputs, {INPUT: pixels.numpy()})
+        # NOTE: GPU-decoded batches arrive on the device; onnxruntime takes
+        # numpy arrays.
+        array = pixels.cpu().numpy()
+        step = self.chunk or len(array) or 1
+        parts = [
+            self.session.run(self.outputs, {INPUT: array[i : i + step]})
+            for i in range(0, len(array), step)
+        ]
         return {
-            name: np.asarray(v, dtype=np.float32)
-            for name, v in zip(self.names, values, strict=True)
+            name: np.concatenate([np.asarray(p[k], dtype=np.float32) for p in parts])
+            for k, name in enumerate(self.names)
         }
 
 

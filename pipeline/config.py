@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from features.errors import ConfigError
-from features.images import DEFAULT_MAX_PIXELS
+from features.images import DECODE_MODES, DEFAULT_MAX_PIXELS
 from features.pooling import parse_pooling
 from pipeline.layout import MODEL_KINDS, RunLayout
 
@@ -29,6 +29,8 @@ DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORAGE_DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "lzf", "gzip")
+DECODERS = ("auto", "pillow", "nvjpeg")
+ENGINES = ("auto", "torch", "onnxruntime")
 FINGERPRINTS = ("stat", "content")
 STRATEGIES = {
     "auto": "auto",
@@ -95,6 +97,7 @@ class DataConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     background: tuple[int, ...] = (255, 255, 255)
     fingerprint: str = "stat"
+    decode: str = "fast"
 
     def __post_init__(self) -> None:
         _check_fraction("data", "val_fraction", self.val_fraction)
@@ -113,6 +116,7 @@ class DataConfig:
             )
         _check_choice("data", "fingerprint", self.fingerprint, FINGERPRINTS)
         _check_seed("data", "seed", self.seed)
+        _check_choice("data", "decode", self.decode, DECODE_MODES)
 
 
 @dataclass(frozen=True)
@@ -212,8 +216,10 @@ class ExtractConfig:
     compression: str = "none"
     views: int = 1
     shard_size: int = 1024
-    engine: str = "torch"
+    engine: str = "auto"
     cache_dir: Path | None = None
+    decoder: str = "auto"
+    threads: int = -1
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -241,7 +247,7 @@ class ExtractConfig:
         _check_choice("extract", "precision", self.precision, PRECISIONS)
         _check_choice("extract", "dtype", self.dtype, STORAGE_DTYPES)
         _check_choice("extract", "compression", self.compression, COMPRESSIONS)
-        _check_choice("extract", "engine", self.engine, ("torch", "onnxruntime"))
+        _check_choice("extract", "engine", self.engine, ENGINES)
         if self.num_workers < -1:
             raise ConfigError(
                 "[extract] num_workers must be -1 (auto), 0 (main process) or "
@@ -252,6 +258,12 @@ class ExtractConfig:
         if self.shard_size <= 0:
             raise ConfigError(
                 f"[extract] shard_size must be > 0, got {self.shard_size}"
+            )
+        _check_choice("extract", "decoder", self.decoder, DECODERS)
+        if self.threads < -1 or self.threads == 0:
+            raise ConfigError(
+                "[extract] threads must be -1 (chosen with the loader workers) or "
+                f">= 1, got {self.threads}"
             )
 
 

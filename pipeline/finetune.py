@@ -53,10 +53,10 @@ from features.devices import (
 from features.errors import CheckpointError, DataError, TrainingError
 from features.layers import layer_names
 from features.progress import progress_bar
-from features.transforms import Preprocessing, eval_transform
+from features.transforms import Preprocessing, decode_side, eval_transform
 from pipeline import checkpoint, finetune_data, plots
 from pipeline.config import Config, FinetuneConfig
-from pipeline.inputs import load_images
+from pipeline.inputs import load_images, preprocessing_overrides
 from pipeline.layout import ModelFiles
 from pipeline.models import ImageClassifier, new_record, predict_batches
 from pipeline.stamps import stamp
@@ -332,7 +332,11 @@ def model_stamp(cfg: Config, images: ImageSet) -> str:
     resumes a checkpoint made under it.
     """
     return stamp(
-        asdict(cfg.finetune), asdict(cfg.backbone), images.fingerprint, cfg.run.seed
+        asdict(cfg.finetune),
+        asdict(cfg.backbone),
+        cfg.data.decode,
+        images.fingerprint,
+        cfg.run.seed,
     )
 
 
@@ -403,7 +407,7 @@ def build_model(
         b.name,
         weights,
         seed=cfg.run.seed,
-        preprocessing=b.preprocessing(),
+        preprocessing=preprocessing_overrides(cfg),
         num_classes=num_classes,
     )
     for module in backbone.model.modules():
@@ -801,6 +805,7 @@ def _loaders(
         seed=cfg.run.seed,
         max_pixels=d.max_pixels,
         background=d.background,
+        min_side=finetune_data.train_decode_side(prep, ft.augment),
     )
     val = finetune_data.split_dataset(
         images,
@@ -810,6 +815,7 @@ def _loaders(
         seed=cfg.run.seed,
         max_pixels=d.max_pixels,
         background=d.background,
+        min_side=decode_side(prep),
     )
     pin = device.type == "cuda"
     train_loader = finetune_data.loader(

@@ -23,7 +23,12 @@ from torchvision.transforms import v2 as T
 from features.data import ImageSet
 from features.errors import ImageDecodeError
 from features.images import decode_image
-from features.transforms import Preprocessing, eval_transform
+from features.transforms import (
+    TRAIN_CROP_SCALE,
+    Preprocessing,
+    decode_side,
+    eval_transform,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +52,31 @@ def train_transform(
         return eval_transform(prep)
     mode = _INTERPOLATIONS[prep.interpolation]
     steps: list[Any] = [
-        T.RandomResizedCrop(prep.input_size, interpolation=mode, antialias=True),
+        T.RandomResizedCrop(
+            prep.input_size,
+            scale=TRAIN_CROP_SCALE,
+            interpolation=mode,
+            antialias=True,
+        ),
         T.RandomHorizontalFlip(),
     ]
     if augment == "trivialaugment":
         steps.append(T.TrivialAugmentWide(interpolation=mode))
     steps.append(T.PILToTensor())
     return T.Compose(steps)
+
+
+def train_decode_side(prep: Preprocessing, augment: str) -> int | None:
+    """The shorter side fast decoding keeps for `train_transform(prep, augment)`.
+
+    NOTE: random crops get a larger side than evaluation, so that even the
+    smallest crop is cut from pixels at least as fine as the network's input;
+    evaluation (and augment "none") uses the resize target, as extraction,
+    export and `quadrant predict` do.
+    """
+    if augment == "none":
+        return decode_side(prep)
+    return decode_side(prep, crop_scale=TRAIN_CROP_SCALE)
 
 
 Item = tuple[torch.Tensor, int, int, bool]
@@ -72,6 +95,7 @@ class LabelledImages(Dataset[Item]):
         seed: int,
         max_pixels: int,
         background: tuple[int, ...],
+        min_side: int | None = None,
     ) -> None:
         self.files = list(files)
         self.labels = list(labels)
@@ -80,6 +104,7 @@ class LabelledImages(Dataset[Item]):
         self.seed = seed
         self.max_pixels = max_pixels
         self.background = background
+        self.min_side = min_side
         self.epoch = 0  # set before each epoch: part of every sample's seed
 
     def __len__(self) -> int:
@@ -91,6 +116,7 @@ class LabelledImages(Dataset[Item]):
                 self.files[index],
                 max_pixels=self.max_pixels,
                 background=self.background,
+                min_side=self.min_side,
             )
         except ImageDecodeError as err:
             log.warning("skipping %s", err)
@@ -133,8 +159,9 @@ def split_dataset(
     seed: int,
     max_pixels: int,
     background: tuple[int, ...],
+    min_side: int | None = None,
 ) -> LabelledImages:
-    """The labelled images of one split."""
+    """The labelled images of one split (`min_side`: see `decode_image`)."""
     records = [r for r in images.records if r.split == split]
     return LabelledImages(
         [images.absolute(r) for r in records],
@@ -144,6 +171,7 @@ def split_dataset(
         seed=seed,
         max_pixels=max_pixels,
         background=background,
+        min_side=min_side,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -17,7 +18,7 @@ from features.data import ImageSet, discover
 from features.errors import DataError, ImageDecodeError
 from features.extractor import ExtractOptions
 from features.images import decode_image
-from features.transforms import Preprocessing, eval_transform
+from features.transforms import Preprocessing, decode_side, eval_transform
 from pipeline.config import Config
 
 
@@ -25,8 +26,18 @@ def load_backbone(cfg: Config) -> Backbone:
     """The configured backbone with its preprocessing overrides applied."""
     b = cfg.backbone
     return build_backbone(
-        b.name, b.weights, seed=cfg.run.seed, preprocessing=b.preprocessing()
+        b.name, b.weights, seed=cfg.run.seed, preprocessing=preprocessing_overrides(cfg)
     )
+
+
+def preprocessing_overrides(cfg: Config) -> dict[str, Any]:
+    """`[backbone]`'s preprocessing overrides plus `data.decode`.
+
+    NOTE: the decoding mode travels inside the preprocessing, so the cache
+    key, model.json, the ONNX metadata and `quadrant predict` all carry the
+    pixels' recipe the model was trained on.
+    """
+    return {**cfg.backbone.preprocessing(), "decode": cfg.data.decode}
 
 
 def load_images(cfg: Config) -> ImageSet:
@@ -64,11 +75,15 @@ def decode_pixels(
         DataError: not one of `files` is readable.
     """
     transform = eval_transform(prep)
+    side = decode_side(prep)
     batch, kept = [], []
     for i, file in enumerate(files):
         try:
             image = decode_image(
-                file, max_pixels=cfg.data.max_pixels, background=cfg.data.background
+                file,
+                max_pixels=cfg.data.max_pixels,
+                background=cfg.data.background,
+                min_side=side,
             )
         except ImageDecodeError:
             continue
@@ -100,4 +115,6 @@ def extract_options(cfg: Config) -> ExtractOptions:
         max_pixels=cfg.data.max_pixels,
         progress=cfg.run.progress,
         engine=e.engine,
+        decoder=e.decoder,
+        threads=e.threads,
     )

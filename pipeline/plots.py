@@ -134,6 +134,9 @@ def training_curves(
     return _save(fig, path)
 
 
+THUMBNAIL_SIDE = 256
+
+
 def sample_grid(samples: dict[str, list[Path]], path: Path) -> Path:
     """A grid of images: one row per class, a few images per row."""
     from features.errors import ImageDecodeError
@@ -151,7 +154,9 @@ def sample_grid(samples: dict[str, list[Path]], path: Path) -> Path:
             ax.set_yticks([])
             if c < len(files):
                 try:
-                    ax.imshow(np.asarray(decode_image(files[c])))
+                    # NOTE: a thumbnail: camera photos decode small and fast.
+                    image = decode_image(files[c], min_side=THUMBNAIL_SIDE)
+                    ax.imshow(np.asarray(image))
                 except ImageDecodeError:
                     ax.text(0.5, 0.5, "unreadable", ha="center", va="center")
             else:

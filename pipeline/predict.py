@@ -1,8 +1,9 @@
 """Batch prediction with an exported model: onnxruntime only, no training stack.
 
 `quadrant predict model.onnx PATH...` reads image files, folders (recursively)
-or CSV files with a `path` column, decodes them as extraction does, resizes
-and crops them as the model's metadata says, and writes one CSV row per image:
+or CSV files with a `path` column, decodes them as extraction does (fast or
+full decoding, as the model's training pixels were), resizes and crops them
+as the model's metadata says, and writes one CSV row per image:
 `path, label, score, top_k, error`. An unreadable image gets its error in the
 row instead of stopping the run.
 """
@@ -23,10 +24,10 @@ import numpy.typing as npt
 
 from features.atomic import atomic_open, check_output_file
 from features.errors import ImageDecodeError, StageInputError
-from features.images import decode_image
+from features.images import DECODE_MODES, decode_image
 from features.onnx_engine import session
 from features.progress import progress_bar
-from features.transforms import Preprocessing, eval_transform
+from features.transforms import Preprocessing, decode_side, eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,9 @@ def run(
     loaded = _load(model, device)
     files = list(_gather(paths))
     transform = eval_transform(loaded.prep)
+    # NOTE: the model's metadata says how its training pixels were decoded
+    # (models exported before fast decoding existed say nothing: "full").
+    side = decode_side(loaded.prep)
     failed = 0
     with (
         atomic_open(out, "w", newline="") as handle,
@@ -78,7 +82,7 @@ def run(
         writer.writerow(["path", "label", "score", "top_k", "error"])
         for start in range(0, len(files), batch_size):
             batch = files[start : start + batch_size]
-            decoded = list(pool.map(lambda f: _prepare(f, transform), batch))
+            decoded = list(pool.map(lambda f: _prepare(f, transform, side), batch))
             failed += _write_batch(writer, loaded, batch, decoded, top_k)
             bar.update(len(batch))
     provider = loaded.session.get_providers()[0]
@@ -101,6 +105,11 @@ def _load(model: Path, device: str) -> _Model:
             "it with `quadrant export`"
         )
     prep = Preprocessing().updated(json.loads(props["preprocessing"]))
+    if prep.decode not in DECODE_MODES:
+        raise StageInputError(
+            f"{model} asks for decoding {prep.decode!r}, which this quadrant does "
+            f"not know ({list(DECODE_MODES)}); upgrade quadrant"
+        )
     dtype = json.loads(props.get("input", "{}")).get("dtype", "uint8")
     return _Model(sess, tuple(json.loads(props["label_names"])), prep, dtype)
 
@@ -128,9 +137,11 @@ def _csv_paths(path: Path) -> Iterator[Path]:
             yield path.parent / row["path"]
 
 
-def _prepare(file: Path, transform: Any) -> npt.NDArray[np.uint8] | str:
+def _prepare(
+    file: Path, transform: Any, min_side: int | None
+) -> npt.NDArray[np.uint8] | str:
     try:
-        return np.asarray(transform(decode_image(file)).numpy())
+        return np.asarray(transform(decode_image(file, min_side=min_side)).numpy())
     except ImageDecodeError as err:
         return str(err).removeprefix(f"{file}: ")
 

@@ -33,6 +33,7 @@ TINY = [
     "backbone.resize_size=32",
     "extract.batch_size=4",
     "extract.num_workers=0",
+    "extract.engine=torch",
     "run.progress=false",
 ]
 
@@ -105,3 +106,30 @@ def write_hub_cache(
     file.parent.mkdir(parents=True)
     save_file(state, file)
     return file
+
+
+def write_photo(
+    path: Path,
+    size: tuple[int, int] = (4000, 3000),
+    *,
+    orientation: int = 1,
+    mode: str = "RGB",
+    progressive: bool = False,
+) -> Path:
+    """scikit-image's chelsea upscaled to `size` (as displayed), saved as JPEG q90.
+
+    With `orientation` 6 the pixels are stored turned counter-clockwise with
+    that EXIF tag, as a phone stores a portrait photo; `mode` "CMYK" or "L"
+    converts before saving.
+    """
+    data = pytest.importorskip("skimage.data")
+    image = Image.fromarray(data.chelsea()).resize(size, Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    if orientation == 6:
+        image = image.transpose(Image.Transpose.ROTATE_90)
+        exif[0x0112] = 6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.convert(mode).save(
+        path, "JPEG", quality=90, exif=exif.tobytes(), progressive=progressive
+    )
+    return path

@@ -18,7 +18,7 @@ from features.cache import ShardStore, verify
 from features.errors import BackboneError
 from pipeline import extract
 from pipeline.config import Config
-from tests.conftest import TINY, write_png
+from tests.conftest import TINY, write_photo, write_png
 
 REPO = Path(__file__).resolve().parents[2]
 MakeConfig = Callable[..., Config]
@@ -115,6 +115,7 @@ def test_extract_cache_hit_runs_no_forward_pass(
         "extract.dtype='float16'",
         "run.seed=1",  # random weights are seeded by run.seed
         "data.seed=3",  # another split
+        "data.decode='full'",  # fast decoding is on by default
     ],
 )
 def test_extract_config_change_gives_new_key(
@@ -305,3 +306,168 @@ def test_extract_survives_sigkill_and_resumes_identically(tmp_path: Path) -> Non
     [resumed] = cache.glob("*.h5")
     assert_same_codes(straight, resumed)
     shutil.rmtree(tmp_path / "many")
+
+
+# --- decoding, loader plan, engines ------------------------------------------------
+
+# NOTE: the tolerance recorded in docs/benchmarks.md: EfficientNet-Lite0 codes
+# of fast-decoded camera photos had cosine >= 0.995 to full decoding's.
+FAST_DECODE_MIN_COSINE = 0.995
+
+
+def test_fast_decoding_codes_match_full_decoding_on_a_real_photo(
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    from features.backbones import build_backbone
+    from features.extractor import CodeModel, CodeRunner, ExtractOptions
+    from features.images import decode_image
+    from features.transforms import decode_side, eval_transform
+
+    backbone = build_backbone(
+        "efficientnet_lite0", "default", preprocessing={"decode": "fast"}
+    )
+    model = CodeModel(backbone, ["top"], ["avg"])
+    prep = model.preprocessing
+    runner = CodeRunner(
+        model, ExtractOptions(device="cpu"), torch.device("cpu"), "fp32"
+    )
+    photos = [
+        write_photo(tmp_path / "cat.jpg"),  # 4000x3000: DCT scale 1/8
+        write_photo(tmp_path / "side.jpg", orientation=6),  # stored sideways
+    ]
+    transform = eval_transform(prep)
+    full = torch.stack([transform(decode_image(f)) for f in photos])
+    fast = torch.stack(
+        [transform(decode_image(f, min_side=decode_side(prep))) for f in photos]
+    )
+    assert not torch.equal(full, fast)  # fast decoding did change the pixels
+    a, b = (runner(x)["top/none"].astype(np.float64) for x in (full, fast))
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert (cosine >= FAST_DECODE_MIN_COSINE).all(), cosine
+
+
+def test_extract_fast_decodes_rotated_and_cmyk_photos_and_reports_truncated(
+    tmp_path: Path, make_config: MakeConfig
+) -> None:
+    """Each JPEG kind takes its path on the CPU, with the codes of that path."""
+    import torch
+
+    from features.extractor import CodeModel, CodeRunner, ExtractOptions
+    from features.images import decode_image
+    from features.transforms import decode_side, eval_transform
+    from pipeline.inputs import load_backbone
+
+    root = tmp_path / "photos"
+    for c in ("a", "b"):
+        write_photo(root / c / "side.jpg", (480, 360), orientation=6)
+        write_photo(root / c / "cmyk.jpg", (480, 360), mode="CMYK")
+        write_png(root / c / "flat.png", seed=7)
+    cut = write_photo(root / "a" / "cut.jpg", (480, 360))
+    cut.write_bytes(cut.read_bytes()[:-800])
+    cfg = make_config(root)
+    result = extract.run(cfg)
+    assert [(path, "truncated" in why) for path, why in result.skipped] == [
+        ("a/cut.jpg", True)
+    ]
+    codes = load_codes(result.path, "top")
+    prep = load_backbone(cfg).preprocessing
+    assert decode_side(prep) == 64  # 360 // 64: the JPEGs decode at 1/4 scale
+    transform = eval_transform(prep)
+    pixels = torch.stack(
+        [
+            transform(decode_image(root / p, min_side=decode_side(prep)))
+            for p in codes.paths
+        ]
+    )
+    model = CodeModel(load_backbone(cfg), ["top"], ["avg"])
+    runner = CodeRunner(
+        model, ExtractOptions(device="cpu"), torch.device("cpu"), "fp32"
+    )
+    expected = runner(pixels)["top/none"]
+    np.testing.assert_allclose(codes.X, expected, rtol=1e-4, atol=1e-5)
+    # The sideways photo is turned upright before decoding small: its codes
+    # are the ones of the same photo stored upright.
+    upright = write_photo(tmp_path / "upright.jpg", (480, 360))
+    turned = transform(decode_image(upright, min_side=decode_side(prep)))
+    side_row = list(codes.paths).index("a/side.jpg")
+    assert (pixels[side_row].float() - turned.float()).abs().mean() < 3.0
+
+
+def test_extract_records_the_decoding_in_the_provenance(
+    image_folder: Path, make_config: MakeConfig
+) -> None:
+    from features.cache import read_provenance
+
+    result = extract.run(make_config(image_folder))
+    provenance = read_provenance(result.path)
+    assert provenance["preprocessing"]["decode"] == "fast"
+    assert provenance["compute"]["decoder"] == "pillow"
+
+
+def test_extract_logs_the_loader_plan_and_restores_torch_threads(
+    image_folder: Path, make_config: MakeConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    cfg = make_config(image_folder, "extract.num_workers=-1")
+    with caplog.at_level("INFO", logger="features.extractor"):
+        extract.run(cfg)
+    [line] = [r.message for r in caplog.records if r.message.startswith("loader:")]
+    assert "decode worker(s)" in line and "ms decoding" in line
+    assert torch.get_num_threads() == threads
+
+
+def test_extract_through_the_gpu_decoding_path_on_the_cpu(
+    tmp_path: Path, make_config: MakeConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The nvJPEG route end to end, torchvision's CPU decoder standing in."""
+    from features import gpu_decode
+    from tests.features.test_gpu_decode import cpu_decode_jpeg
+
+    root = tmp_path / "photos"
+    for c in ("a", "b"):
+        for i in range(4):
+            write_photo(
+                root / c / f"{i}.jpg", (400 + 40 * i, 300), orientation=6 * (i % 2)
+            )
+        write_png(root / c / "flat.png", seed=3)
+    cut = root / "a" / "0.jpg"
+    cut.write_bytes(cut.read_bytes()[:-500])
+    size = ("backbone.input_size=64", "backbone.resize_size=72")
+    cpu = extract.run(make_config(root, *size, "extract.cache_dir='cpu'"))
+    monkeypatch.setattr(
+        "features.extractor.resolve_decoder", lambda spec, device: "nvjpeg"
+    )
+    monkeypatch.setattr(gpu_decode, "nvjpeg_decode", lambda device: cpu_decode_jpeg)
+    gpu = extract.run(make_config(root, *size, "extract.cache_dir='gpu'"))
+    assert gpu.skipped == cpu.skipped and len(gpu.skipped) == 1
+    assert "truncated" in gpu.skipped[0][1]
+    a, b = load_codes(cpu.path).X, load_codes(gpu.path).X
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert (cosine > 0.99).all(), cosine
+
+
+def test_resolve_engine_prefers_onnxruntime_for_fp32_on_the_cpu() -> None:
+    import torch
+
+    from features.extractor import resolve_engine
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_engine("auto", cpu, "fp32") == "onnxruntime"
+    assert resolve_engine("auto", cpu, "bf16") == "torch"
+    assert resolve_engine("auto", cuda, "bf16") == "torch"
+    assert resolve_engine("torch", cpu, "fp32") == "torch"
+
+
+def test_an_engine_the_exporter_refuses_says_to_use_torch(
+    image_folder: Path, make_config: MakeConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Exporting the operator 'foo' is not supported")
+
+    monkeypatch.setattr("features.onnx_engine.export_code_model", refuse)
+    with pytest.raises(BackboneError, match=r"extract.engine = 'auto'\) cannot export"):
+        extract.run(make_config(image_folder, "extract.engine=auto"))

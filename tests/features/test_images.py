@@ -22,9 +22,13 @@ from features.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     decode_image,
+    draft_scale,
     probe_image,
+    read_plain_jpeg,
+    reduce_to,
     to_rgb,
 )
+from tests.conftest import write_photo
 
 # NOTE: a non-white, non-grey background proves transparent pixels take this
 # colour rather than white or their own (garbage) RGB.
@@ -575,3 +579,138 @@ def test_decode_image_runs_in_spawned_worker_process(tmp_path: Path) -> None:
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
         image = pool.submit(decode_image, path).result(timeout=60)
     assert image.mode == "RGB" and image.getpixel((0, 0)) == (77, 77, 77)
+
+
+# --- fast decoding ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1600x1200 JPEG of chelsea (DCT scale 1/4 for min_side 256)."""
+    return write_photo(tmp_path_factory.mktemp("photo") / "cat.jpg", (1600, 1200))
+
+
+def _mean_abs_diff(a: Image.Image, b: Image.Image) -> float:
+    b = b.resize(a.size, Image.Resampling.BILINEAR)
+    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean())
+
+
+@pytest.mark.parametrize(
+    "size, side, scale",
+    [
+        ((4000, 3000), 256, 8),
+        ((1600, 1200), 256, 4),
+        ((600, 450), 224, 2),
+        ((400, 300), 256, 1),
+        ((200, 100), 256, 1),
+    ],
+)
+def test_draft_scale_keeps_the_shorter_side(
+    size: tuple[int, int], side: int, scale: int
+) -> None:
+    assert draft_scale(size, side) == scale
+    assert min(size) / scale >= side or scale == 1
+
+
+def test_decode_image_fast_decodes_a_large_jpeg_at_a_dct_scale(photo: Path) -> None:
+    fast = decode_image(photo, min_side=256)
+    assert fast.size == (400, 300)  # 1/4 scale: the shorter side stays >= 256
+    full = decode_image(photo)
+    assert full.size == (1600, 1200)
+    assert _mean_abs_diff(fast, full) < 3.0
+
+
+def test_decode_image_fast_reduces_other_formats(tmp_path: Path, photo: Path) -> None:
+    png = tmp_path / "cat.png"
+    Image.open(photo).save(png)
+    fast = decode_image(png, min_side=256)
+    assert fast.size == (400, 300)  # Image.reduce by 4, the largest keeping 256
+    assert _mean_abs_diff(fast, decode_image(png)) < 3.0
+
+
+def test_decode_image_fast_changes_nothing_below_twice_the_side(
+    tmp_path: Path,
+) -> None:
+    path = write_photo(tmp_path / "small.jpg", (480, 360))
+    assert np.array_equal(
+        np.asarray(decode_image(path, min_side=256)), np.asarray(decode_image(path))
+    )
+
+
+def test_decode_image_fast_turns_exif_rotated_photos(tmp_path: Path) -> None:
+    # Stored 1200x1600 sideways with orientation 6, displayed as 1600x1200.
+    path = write_photo(tmp_path / "side.jpg", (1600, 1200), orientation=6)
+    assert probe_image(path) == (1200, 1600)
+    fast = decode_image(path, min_side=256)
+    assert fast.size == (400, 300)
+    reference = decode_image(write_photo(tmp_path / "flat.jpg", (1600, 1200)))
+    assert _mean_abs_diff(fast, reference) < 3.0
+
+
+def test_decode_image_fast_converts_cmyk_jpegs(tmp_path: Path) -> None:
+    path = write_photo(tmp_path / "cmyk.jpg", (1600, 1200), mode="CMYK")
+    assert Image.open(path).mode == "CMYK"
+    fast = decode_image(path, min_side=256)
+    assert (fast.mode, fast.size) == ("RGB", (400, 300))
+    assert _mean_abs_diff(fast, decode_image(path)) < 3.0
+
+
+def test_decode_image_fast_reduces_grayscale_and_transparent_images(
+    tmp_path: Path,
+) -> None:
+    gray = tmp_path / "gray.png"
+    Image.new("L", (900, 600), 90).save(gray)
+    assert decode_image(gray, min_side=100).getpixel((0, 0)) == (90, 90, 90)
+    # A colour key must be composited before reducing, not lost by it.
+    keyed = tmp_path / "keyed.png"
+    Image.new("RGB", (900, 600), (1, 2, 3)).save(keyed, transparency=(1, 2, 3))
+    image = decode_image(keyed, min_side=100, background=BACKGROUND)
+    assert image.size == (150, 100) and image.getpixel((5, 5)) == BACKGROUND
+
+
+def test_decode_image_fast_still_reports_truncated_jpegs(photo: Path) -> None:
+    data = photo.read_bytes()
+    path = photo.parent / "cut.jpg"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        decode_image(path, min_side=256)
+
+
+@pytest.mark.parametrize("side", [0, -5, 2.5, True])
+def test_decode_image_refuses_a_bad_min_side(photo: Path, side: object) -> None:
+    with pytest.raises(ValueError, match="min_side must be a positive integer"):
+        decode_image(photo, min_side=side)  # type: ignore[arg-type]
+
+
+def test_reduce_to_uses_the_largest_factor_keeping_the_side() -> None:
+    image = Image.new("RGB", (1001, 700))
+    assert reduce_to(image, 200).size == (334, 234)  # factor 3, sizes rounded up
+    assert reduce_to(image, 400) is image  # 700 // 400 = 1: unchanged
+
+
+def test_read_plain_jpeg_takes_complete_baseline_jpegs(
+    tmp_path: Path, photo: Path
+) -> None:
+    found = read_plain_jpeg(photo)
+    assert found is not None
+    data, orientation, size = found
+    assert data == photo.read_bytes() and orientation == 1 and size == (1600, 1200)
+    side = write_photo(tmp_path / "side.jpg", (320, 240), orientation=6)
+    assert read_plain_jpeg(side)[1:] == (6, (240, 320))  # type: ignore[index]
+
+
+def test_read_plain_jpeg_leaves_other_files_to_the_cpu(
+    tmp_path: Path, photo: Path
+) -> None:
+    png = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(png)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(photo.read_bytes()[:-100])
+    others = [
+        png,
+        write_photo(tmp_path / "cmyk.jpg", (64, 48), mode="CMYK"),
+        write_photo(tmp_path / "prog.jpg", (64, 48), progressive=True),
+        cut,
+        tmp_path / "missing.jpg",
+    ]
+    assert [read_plain_jpeg(p) for p in others] == [None] * len(others)

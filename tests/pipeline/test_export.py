@@ -63,6 +63,8 @@ def test_codes_path_export_matches_the_head(
     props = {p.key: p.value for p in model.metadata_props}
     assert json.loads(props["label_names"]) == sorted(p.name for p in root.iterdir())
     assert json.loads(props["preprocessing"])["input_size"] == 32
+    # How the training pixels were decoded travels with the model.
+    assert json.loads(props["preprocessing"])["decode"] == "fast"
     kind = "probability" if classifier == "logistic" else "margin"
     assert props["score_kind"] == kind
     # The exported graph predicts what the trained pipeline predicts on the codes.
@@ -321,3 +323,56 @@ def test_parity_tolerance_is_relative_to_each_rows_scale() -> None:
     # The same tolerance is tight on a row of probabilities.
     with pytest.raises(ExportParityError, match=r"differ by up to 0.001 at \(1, 0\)"):
         check_parity(expected, expected + [[0, 0, 0], [1e-3, 0, 0]], what="scores")
+
+
+def _metadata_only_model(path: Path, preprocessing: dict[str, object]) -> Path:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(
+        model,
+        {"label_names": json.dumps(["a"]), "preprocessing": json.dumps(preprocessing)},
+    )
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "recorded, decode",
+    [({"decode": "fast"}, "fast"), ({"decode": "full"}, "full"), ({}, "full")],
+)
+def test_predict_decodes_as_the_model_was_trained(
+    tmp_path: Path, recorded: dict[str, str], decode: str
+) -> None:
+    # A model exported before fast decoding existed says nothing: full decoding.
+    path = _metadata_only_model(tmp_path / "m.onnx", {"input_size": 32, **recorded})
+    assert predict._load(path, "cpu").prep.decode == decode
+
+
+def test_predict_refuses_an_unknown_decoding(tmp_path: Path) -> None:
+    path = _metadata_only_model(tmp_path / "m.onnx", {"decode": "nvdec"})
+    with pytest.raises(StageInputError, match="asks for decoding 'nvdec'"):
+        predict.run(path, [tmp_path], out=tmp_path / "p.csv")
+
+
+def test_predict_prepares_photos_with_the_models_decoding(tmp_path: Path) -> None:
+    from features.images import decode_image
+    from features.transforms import Preprocessing, eval_transform
+    from tests.conftest import write_photo
+
+    photo = write_photo(tmp_path / "cat.jpg", (1600, 1200))
+    prep = Preprocessing(input_size=32, resize_size=36)
+    transform = eval_transform(prep)
+    fast = predict._prepare(photo, transform, 36)
+    full = predict._prepare(photo, transform, None)
+    assert isinstance(fast, np.ndarray) and isinstance(full, np.ndarray)
+    expected = transform(decode_image(photo, min_side=36)).numpy()
+    np.testing.assert_array_equal(fast, expected)
+    assert not np.array_equal(fast, full)

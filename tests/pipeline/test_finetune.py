@@ -432,3 +432,14 @@ def test_pilot_budget(
     share: float, epochs: int, per_epoch: int, batch: int, budget: int
 ) -> None:
     assert finetune.pilot_budget(share, epochs, per_epoch, batch) == budget
+
+
+def test_model_stamp_changes_with_the_decoding(
+    image_folder: Path, tmp_path: Path
+) -> None:
+    from pipeline.inputs import load_images
+
+    fast = config(image_folder, tmp_path / "a")
+    full = config(image_folder, tmp_path / "a", "data.decode='full'")
+    images = load_images(fast)
+    assert finetune.model_stamp(fast, images) != finetune.model_stamp(full, images)

@@ -1,0 +1,48 @@
+"""Tests for pipeline/finetune_data.py: fast decoding of training images."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from features.transforms import TRAIN_CROP_SCALE, Preprocessing
+from pipeline import finetune_data
+from tests.conftest import write_photo
+
+FAST = Preprocessing(input_size=224, resize_size=256, decode="fast")
+
+
+def test_train_decode_side_keeps_random_crops_at_full_detail() -> None:
+    side = finetune_data.train_decode_side(FAST, "standard")
+    assert side == math.ceil(224 / math.sqrt(TRAIN_CROP_SCALE[0] * 3 / 4))
+    assert finetune_data.train_decode_side(FAST, "none") == 512  # evaluation's
+    assert finetune_data.train_decode_side(Preprocessing(), "standard") is None
+
+
+def test_labelled_images_decode_with_their_side(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    photo = write_photo(tmp_path / "cat.jpg", (1600, 1200))
+    seen: list[object] = []
+    real = finetune_data.decode_image
+
+    def spy(path: Path, **kwargs: object) -> object:
+        seen.append(kwargs["min_side"])
+        return real(path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(finetune_data, "decode_image", spy)
+    dataset = finetune_data.LabelledImages(
+        [photo],
+        [0],
+        finetune_data.train_transform(FAST, "standard"),
+        size=224,
+        seed=0,
+        max_pixels=10**8,
+        background=(255, 255, 255),
+        min_side=finetune_data.train_decode_side(FAST, "standard"),
+    )
+    image, label, _, ok = dataset[0]
+    assert ok and label == 0 and tuple(image.shape) == (3, 224, 224)
+    assert seen == [915]
