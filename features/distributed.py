@@ -125,7 +125,7 @@ def process_device(device: torch.device, world: World) -> torch.device:
         # NOTE: torchrun sets OMP_NUM_THREADS=1 for every process; with the
         # cores split evenly the ranks of one machine use all of them without
         # oversubscribing.
-        threads = max(1, available_cpus() // world.local_size)
+        threads = rank_cpus(world)
         torch.set_num_threads(threads)
         log.info(
             "rank %d: %d CPU thread(s) (%d cores / %d processes on this machine)",
@@ -135,6 +135,12 @@ def process_device(device: torch.device, world: World) -> torch.device:
             world.local_size,
         )
     return device
+
+
+def rank_cpus(world: World) -> int:
+    """This rank's share of the machine's cores: torchrun's ranks on one
+    machine split them evenly (all of them for a lone process)."""
+    return max(1, available_cpus() // world.local_size)
 
 
 def run_on_main(world: World, fn: Callable[[], T]) -> T | None:

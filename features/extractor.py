@@ -63,7 +63,6 @@ from features.data import ImageRecord, ImageSet, Skipped
 from features.devices import (
     PRECISION_DTYPES,
     LoaderPlan,
-    available_cpus,
     plan_loader,
     resolve_device,
     resolve_precision,
@@ -72,6 +71,7 @@ from features.distributed import (
     World,
     gather_text,
     process_device,
+    rank_cpus,
     run_on_main,
     share_text,
 )
@@ -695,7 +695,9 @@ def _forward(
     """Compute and commit the shards `todo`; return their failed decodes."""
     rows = [row for shard in todo for row in store.rows(shard)]
     compute = _runner(model, store, options, device, precision)
-    loader = _loader(model, images, table, rows, options, device, compute)
+    loader = _loader(
+        model, images, table, rows, options, device, compute, rank_cpus(world)
+    )
     shards = _ShardBuffer(store)
     # One bar per job: rank 0's, counting its own share under torchrun.
     total = len(table.row_image) if world.size == 1 else len(rows)
@@ -783,16 +785,17 @@ def _loader(
     options: ExtractOptions,
     device: torch.device,
     compute: Any,
+    cpus: int,
 ) -> Iterable[Any]:
     """Batches of (rows, pixels, ok, reasons), decoded as the plan says.
 
-    Also sets `compute`'s threads: the loader plan shares the cores
-    between the decoders and the forward.
+    Also sets `compute`'s threads: the loader plan shares this process's
+    `cpus` cores between the decoders and the forward.
     """
     files = [images.absolute(r) for r in images.records]
     gpu = resolve_decoder(options.decoder, device) == "nvjpeg"
     dataset = _RowDataset(files, table, model.preprocessing, options, gpu_jpeg=gpu)
-    plan = _plan(dataset, rows, compute, options, device)
+    plan = _plan(dataset, rows, compute, options, device, cpus)
     log.info("loader: %s", plan.describe())
     if plan.forward_threads:
         compute.set_threads(plan.forward_threads)
@@ -842,6 +845,7 @@ def _plan(
     compute: Any,
     options: ExtractOptions,
     device: torch.device,
+    cpus: int,
 ) -> LoaderPlan:
     """Workers and threads for this job, from its own measured costs.
 
@@ -856,7 +860,7 @@ def _plan(
     if needs and rows:
         decode, forward = _calibrate(dataset, rows, compute, on_cpu)
     return plan_loader(
-        cpus=available_cpus(),
+        cpus=cpus,
         forward_on_cpu=on_cpu,
         decode_seconds=decode,
         forward_seconds=forward,

@@ -14,7 +14,14 @@ import h5py
 import pytest
 
 from features.cache import verify
-from features.distributed import World, gather_text, run_on_main, share_text
+from features.devices import plan_loader
+from features.distributed import (
+    World,
+    gather_text,
+    rank_cpus,
+    run_on_main,
+    share_text,
+)
 from features.errors import DistributedError
 from pipeline import extract
 from pipeline.config import load_config
@@ -182,3 +189,22 @@ def test_a_rank_stops_with_rank_0s_error(monkeypatch: pytest.MonkeyPatch) -> Non
         DistributedError, match="rank 0 stopped the job: DataError: no readable"
     ):
         run_on_main(World(rank=1, size=2), lambda: pytest.fail("rank 1 ran it"))
+
+
+def test_ranks_of_one_machine_plan_their_loaders_on_their_share_of_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 16 cores, 8 GPU ranks on the machine: each rank feeds its GPU from 2
+    # cores, one decode worker beside its main process, not 15 workers each.
+    monkeypatch.setattr("features.distributed.available_cpus", lambda: 16)
+    world = World(rank=3, size=16, local_rank=3, local_size=8)
+    assert rank_cpus(world) == 2
+    plan = plan_loader(
+        cpus=rank_cpus(world),
+        forward_on_cpu=False,
+        decode_seconds=0.03,
+        forward_seconds=0.001,
+    )
+    assert plan.workers == 1
+    assert rank_cpus(World()) == 16
+    assert rank_cpus(World(rank=0, size=32, local_size=32)) == 1
