@@ -563,6 +563,11 @@ def _run_shards(
             store.n_shards,
             world.size,
         )
+    # NOTE: `todo` is the same on every rank, so all of them join the
+    # export (rank 0's) or none does.
+    engine = (
+        _engine_file(model, store, options, device, precision, world) if todo else None
+    )
     if assigned:
         failures |= _forward(
             model,
@@ -574,6 +579,7 @@ def _run_shards(
             device,
             precision,
             world,
+            engine,
         )
     return sum(len(store.rows(s)) for s in todo), failures
 
@@ -691,10 +697,14 @@ def _forward(
     device: torch.device,
     precision: str,
     world: World,
+    engine: Path | None,
 ) -> Failures:
-    """Compute and commit the shards `todo`; return their failed decodes."""
+    """Compute and commit the shards `todo`; return their failed decodes.
+
+    `engine` is the onnxruntime file of the code model, None for torch.
+    """
     rows = [row for shard in todo for row in store.rows(shard)]
-    compute = _runner(model, store, options, device, precision)
+    compute = _runner(model, engine, options, device, precision)
     loader = _loader(
         model, images, table, rows, options, device, compute, rank_cpus(world)
     )
@@ -716,16 +726,38 @@ def _forward(
 
 def _runner(
     model: CodeModel,
-    store: ShardStore,
+    engine: Path | None,
     options: ExtractOptions,
     device: torch.device,
     precision: str,
 ) -> Any:
-    if resolve_engine(options.engine, device, precision) == "torch":
+    if engine is None:
         return CodeRunner(model, options, device, precision)
     from features.onnx_engine import OnnxRunner
 
-    # Exported once per network and layers, beside the code caches.
+    return OnnxRunner(
+        engine,
+        [s.name for s in model.specs],
+        device,
+        chunk=compute_chunk(options, device),
+    )
+
+
+def _engine_file(
+    model: CodeModel,
+    store: ShardStore,
+    options: ExtractOptions,
+    device: torch.device,
+    precision: str,
+    world: World,
+) -> Path | None:
+    """The code model exported for onnxruntime, or None for the torch engine.
+
+    Exported once per network and layers, beside the code caches, by rank 0
+    alone: the other ranks of a torchrun job wait for it.
+    """
+    if resolve_engine(options.engine, device, precision) == "torch":
+        return None
     identity = {
         "backbone": model.identity,
         "specs": [s.name for s in model.specs],
@@ -733,14 +765,11 @@ def _runner(
         "fold": model.folded,
     }
     path = store.parts.parent / f"engine-{cache_key(identity)[:16]}.onnx"
-    if not path.exists():
-        _export_engine(model, path, options.engine)
-    return OnnxRunner(
-        path,
-        [s.name for s in model.specs],
-        device,
-        chunk=compute_chunk(options, device),
+    run_on_main(
+        world,
+        lambda: None if path.exists() else _export_engine(model, path, options.engine),
     )
+    return _wait_for(path)
 
 
 ENGINES = ("auto", "torch", "onnxruntime")

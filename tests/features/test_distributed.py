@@ -9,9 +9,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import pytest
+import torch
 
 from features.cache import verify
 from features.devices import plan_loader
@@ -208,3 +210,45 @@ def test_ranks_of_one_machine_plan_their_loaders_on_their_share_of_cores(
     assert plan.workers == 1
     assert rank_cpus(World()) == 16
     assert rank_cpus(World(rank=0, size=32, local_size=32)) == 1
+
+
+def test_rank_0_alone_exports_the_onnxruntime_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from features import extractor
+
+    exported: list[Path] = []
+
+    def export(model: object, path: Path, spec: str) -> None:
+        exported.append(path)
+        path.write_bytes(b"onnx")
+
+    monkeypatch.setattr(extractor, "_export_engine", export)
+    model = SimpleNamespace(
+        identity={"name": "tiny"},
+        specs=[SimpleNamespace(name="top/avg")],
+        preprocessing=SimpleNamespace(as_dict=lambda: {"input_size": 32}),
+        folded=0,
+    )
+    store = SimpleNamespace(parts=tmp_path / "codes-0123.shards")
+    cpu = torch.device("cpu")
+
+    def engine(world: World, name: str = "onnxruntime") -> Path | None:
+        options = extractor.ExtractOptions(engine=name)
+        return extractor._engine_file(model, store, options, cpu, "fp32", world)  # type: ignore[arg-type]
+
+    # Rank 1 hears that rank 0 is done and waits for the file to be visible.
+    monkeypatch.setattr(
+        "features.distributed.share_text", lambda world, text: '{"ok": true}'
+    )
+    waited: list[Path] = []
+    monkeypatch.setattr(
+        extractor, "_wait_for", lambda path: waited.append(path) or path
+    )
+    on_rank_1 = engine(World(rank=1, size=2))
+    assert exported == [] and waited == [on_rank_1]
+    # Rank 0 exports once; a later job finds the file.
+    first = engine(World(rank=0, size=2))
+    assert exported == [first] == [on_rank_1] and first.parent == tmp_path
+    assert engine(World()) == first and exported == [first]
+    assert engine(World(), "torch") is None  # the torch engine needs no file
