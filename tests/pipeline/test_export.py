@@ -276,7 +276,8 @@ def test_predict_writes_a_row_per_image_and_reports_unreadable_ones(
     assert good["label"] == ["cat", "dog"][int(expected[0])]
 
 
-def test_predict_refuses_a_foreign_onnx_file(tmp_path: Path) -> None:
+def _identity_model() -> onnx.ModelProto:
+    """A valid ONNX model that is not quadrant's: y = x."""
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
@@ -287,7 +288,11 @@ def test_predict_refuses_a_foreign_onnx_file(tmp_path: Path) -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    onnx.save(model, tmp_path / "other.onnx")
+    return model
+
+
+def test_predict_refuses_a_foreign_onnx_file(tmp_path: Path) -> None:
+    onnx.save(_identity_model(), tmp_path / "other.onnx")
     with pytest.raises(StageInputError, match="has no quadrant metadata"):
         predict.run(tmp_path / "other.onnx", [tmp_path], out=tmp_path / "p.csv")
 
@@ -326,16 +331,9 @@ def test_parity_tolerance_is_relative_to_each_rows_scale() -> None:
 
 
 def _metadata_only_model(path: Path, preprocessing: dict[str, object]) -> Path:
-    from onnx import TensorProto, helper
+    from onnx import helper
 
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = _identity_model()
     helper.set_model_props(
         model,
         {"label_names": json.dumps(["a"]), "preprocessing": json.dumps(preprocessing)},
