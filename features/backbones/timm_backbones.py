@@ -10,10 +10,10 @@ backbones work, without it.
 - Weights: "default" is the tag's weights from the Hugging Face hub cache,
   downloaded there when missing (timm's own source); a local file
   (safetensors, or a state_dict read with `torch.load(weights_only=True)`);
-  or "random". Every file is read here, without pickle, and handed to timm's
-  own loader as a state_dict, so timm's checkpoint conversions (position
-  embeddings resampled for another input size, original-format checkpoints)
-  and its classifier handling still apply.
+  or "random". Every file is read here (never with an unrestricted
+  unpickler) and handed to timm's own loader as a state_dict, so timm's
+  checkpoint conversions (position embeddings resampled for another input
+  size, original-format checkpoints) and its classifier handling still apply.
 - Preprocessing: the tag's pretrained config through timm's
   `resolve_data_config` (input size, crop fraction, interpolation, mean, std).
 - The model helpers (`graph_node_names`, `feature_extractor`,

@@ -334,7 +334,7 @@ def test_fast_decoding_codes_match_full_decoding_on_a_real_photo(
         model, ExtractOptions(device="cpu"), torch.device("cpu"), "fp32"
     )
     photos = [
-        write_photo(tmp_path / "cat.jpg"),  # 4000x3000: DCT scale 1/8
+        write_photo(tmp_path / "cat.jpg"),  # 4000x3000: decoded at 1/4, 1000x750
         write_photo(tmp_path / "side.jpg", orientation=6),  # stored sideways
     ]
     transform = eval_transform(prep)
