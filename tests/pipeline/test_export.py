@@ -14,7 +14,7 @@ import pytest
 from features import load_codes
 from features.errors import ExportParityError, StageInputError
 from features.onnx_engine import session
-from pipeline import export, extract, finetune, inputs, predict, sweep, train
+from pipeline import evaluate, export, extract, finetune, inputs, predict, sweep, train
 from pipeline.config import Config
 from tests.conftest import write_png
 
@@ -138,6 +138,22 @@ def test_timm_backbones_from_extraction_to_a_checked_export(
     assert result.labels_equal and result.max_abs_diff < 1e-4
     props = {p.key: p.value for p in onnx.load(result.path).metadata_props}
     assert json.loads(props["backbone"])["name"] == backbone
+    # evaluate (PyTorch + scikit-learn) and predict (the ONNX file) agree on
+    # the test images.
+    evaluated = evaluate.run(cfg)
+    images = inputs.load_images(cfg)
+    test = {
+        str(image_folder / r.path): images.label_names[r.label]
+        for r in images.records
+        if r.split == "test"
+    }
+    out = cfg.layout.root / "predictions.csv"
+    predicted = predict.run(result.path, [image_folder], out=out)
+    assert predicted.failed == 0 and evaluated.n_test == len(test) > 0
+    with open(out) as handle:
+        labels = {r["path"]: r["label"] for r in csv.DictReader(handle)}
+    right = sum(labels[path] == truth for path, truth in test.items())
+    assert evaluated.accuracy == pytest.approx(right / len(test))
 
 
 def test_finetuned_timm_vit_exports_attention_and_all(

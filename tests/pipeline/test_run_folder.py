@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -26,6 +27,7 @@ import pytest
 from pipeline import evaluate, export, finetune, report, train
 from pipeline.cli import main
 from pipeline.config import Config, config_to_dict, dump_toml
+from pipeline.logs import run_log, setup_console
 from tests.conftest import TINY
 
 MakeConfig = Callable[..., Config]
@@ -438,12 +440,18 @@ def test_sweep_and_predictions_are_lf_csv(
         assert b"\r\n" not in path.read_bytes() and path.read_text().count("\n") > 2
 
 
-def test_a_chosen_c_at_the_edge_of_the_grid_is_said(
+def test_the_chosen_c_is_marked_and_an_edge_of_the_grid_is_said(
     image_folder: Path,
     make_config: MakeConfig,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from pipeline import plots
+
+    shown: list = []
+    close = plots.plt.close
+    monkeypatch.setattr(plots.plt, "close", shown.append)
     cfg = make_config(image_folder, "train.C=[0.01, 0.1, 1.0]")
     candidates = [
         {"params": {"C": c}, "mean": m, "std": 0.01}
@@ -457,6 +465,13 @@ def test_a_chosen_c_at_the_edge_of_the_grid_is_said(
     summary["best_params"] = {"C": 0.1}
     train._cv_plot(cfg, summary, tmp_path / "cv.png")
     assert "the chosen C" not in caplog.text
+    # The star sits on the chosen value, and the legend names it.
+    ax = shown[-1].axes[0]
+    star = next(line for line in ax.get_lines() if line.get_marker() == "*")
+    assert list(star.get_xdata()) == [1] and list(star.get_ydata()) == [0.8]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["chosen: C = 0.1"]
+    for fig in shown:
+        close(fig)
 
 
 def test_plots_keep_titles_whole_and_epochs_whole(
@@ -493,3 +508,17 @@ def test_plots_keep_titles_whole_and_epochs_whole(
     assert box.x0 >= 0 and box.x1 <= shown[-1].bbox.width  # inside the figure
     for fig in shown:
         close(fig)
+
+
+@pytest.mark.parametrize("level, kept", [("info", False), ("debug", True)])
+def test_other_libraries_details_reach_the_log_only_at_debug(
+    image_folder: Path, make_config: MakeConfig, level: str, kept: bool
+) -> None:
+    cfg = make_config(image_folder, f"run.log_level='{level}'")
+    setup_console()
+    with run_log(cfg, "test"):
+        logging.getLogger("skl2onnx").debug("a library's detail")
+        logging.getLogger("pipeline.export").debug("quadrant's own detail")
+    log = cfg.layout.log.read_text()
+    assert ("a library's detail" in log) is kept
+    assert "quadrant's own detail" in log

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -105,3 +106,45 @@ def test_above_the_floor_validation_images_are_required(
         sizing.measure(
             cfg, load_images(cfg), Path("unused.h5"), ("top", "none"), different=False
         )
+
+
+def test_when_fine_tuning_wins_on_different_data_a_scratch_pilot_runs_too(
+    image_folder: Path,
+    make_config: Callable[..., Config],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Case 4's question: a second, real pilot from random weights on the same
+    budget, set against the pretrained pilot's forecast; not on similar data."""
+    cfg = make_config(
+        image_folder,
+        "advise.small_per_class=2",
+        "advise.pilot_share=0.5",
+        "data.val_fraction=0.3",
+        "finetune.epochs=2",
+        "finetune.batch_size=4",
+        "finetune.num_workers=0",
+    )
+    images = load_images(cfg)
+    val = [r.path for r in images.records if r.split == "val"]
+    # The frozen probe is stubbed (no cache needed); the pilots are real. Every
+    # pilot "wins", so the decision reaches the scratch pilot and takes it.
+    curve = (sizing.CurvePoint(len(images.records) - len(val), 0.0),)
+    monkeypatch.setattr(
+        sizing, "frozen_curve", lambda *a: (curve, None, {p: False for p in val})
+    )
+    monkeypatch.setattr(sizing.Pilot, "wins", lambda self, margin: "ahead")
+    code = ("top", "none")
+
+    similar = sizing.measure(cfg, images, Path("unused.h5"), code, different=False)
+    assert similar.finetune and similar.scratch is None and similar.init == "pretrained"
+    assert not cfg.layout.pilot("scratch").exists()
+
+    size = sizing.measure(cfg, images, Path("unused.h5"), code, different=True)
+    assert size.pilot == similar.pilot  # the pretrained pilot is reused
+    scratch = size.scratch
+    assert scratch is not None and scratch.init == "scratch" and size.init == "scratch"
+    assert scratch.budget == size.pilot.budget and scratch.images > 0
+    assert scratch.reference == size.pilot.forecast
+    record = json.loads((cfg.layout.pilot("scratch") / "pilot.json").read_text())
+    assert record["pilot"]["init"] == "scratch"
+    assert record["pilot"]["budget"] == scratch.budget
