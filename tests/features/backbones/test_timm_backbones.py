@@ -132,6 +132,25 @@ def test_local_checkpoint_loads_without_pickle(tmp_path: Path, suffix: str) -> N
     assert rehead.model.fc.weight.std() < 0.02  # a small new head
 
 
+class _Planted:
+    """Pickles to a call that leaves a file behind: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path(self.marker).write_text, ("code ran",))
+
+
+def test_a_pth_file_that_would_run_code_is_refused_unrun(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    file = tmp_path / "planted.pth"
+    torch.save({"epoch": 3, "state_dict": _Planted(marker)}, file)
+    with pytest.raises(BackboneError, match="planted.pth is not a PyTorch weights"):
+        build_backbone("timm/resnet18", str(file))
+    assert not marker.exists()
+
+
 def test_checkpoints_without_a_head_and_of_another_network(tmp_path: Path) -> None:
     headless = tmp_path / "body.safetensors"
     save_file(_timm_resnet18(classes=0).state_dict(), headless)
