@@ -45,6 +45,16 @@ def _cpu_and_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     torch.set_num_threads(1)
 
 
+class Planted:
+    """Pickles to a call that leaves a file behind: proof that code ran on load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path(self.marker).write_text, ("code ran",))
+
+
 def write_png(path: Path, seed: int, size: int = 32, mode: str = "RGB") -> Path:
     """A random image file (deterministic in `seed`)."""
     rng = np.random.default_rng(seed)

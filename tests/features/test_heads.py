@@ -11,6 +11,7 @@ from sklearn.datasets import load_digits
 from features.classifiers import ClassifierSpec, build_pipeline, fit_streaming
 from features.errors import CacheMismatchError, StageInputError
 from features.heads import head_scores, load_head, save_head
+from tests.conftest import Planted
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_scores_name_their_kind_and_give_binary_margins_two_columns(
     np.testing.assert_array_equal(scores.chosen(), np.abs(margin))
 
 
-class Planted:
+class _UntrustedType:
     """A type outside the trusted list whose loading would leave a mark."""
 
     marker: Path | None = None
@@ -76,7 +77,7 @@ def test_a_planted_type_is_refused_before_anything_is_loaded(
     X, y = digits
     pipeline = build_pipeline(ClassifierSpec("svm")).fit(X, y)
     pinned = save_head(tmp_path / "head.skops", pipeline, X[:4])
-    planted = Planted()
+    planted = _UntrustedType()
     planted.__dict__["marker"] = str(tmp_path / "ran")
     sio.dump(
         {"pipeline": pipeline, "probe": X[:4], "extra": planted},
@@ -95,19 +96,11 @@ def test_a_pickle_in_place_of_the_head_is_refused_unread(
         tmp_path / "head.skops", build_pipeline(ClassifierSpec()).fit(X, y), X[:4]
     )
     marker = tmp_path / "ran"
-    payload = pickle.dumps(_Reducer(str(marker)))
+    payload = pickle.dumps(Planted(marker))
     (tmp_path / "head.skops").write_bytes(payload)
     with pytest.raises(CacheMismatchError, match="not a readable skops file"):
         load_head(tmp_path / "head.skops", pinned)
     assert not marker.exists()
-
-
-class _Reducer:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (Path(self.marker).write_text, ("code ran",))
 
 
 def test_changed_scores_are_detected(

@@ -28,7 +28,7 @@ from pipeline import evaluate, export, finetune, report, train
 from pipeline.cli import main
 from pipeline.config import Config, config_to_dict, dump_toml
 from pipeline.logs import run_log, setup_console
-from tests.conftest import TINY
+from tests.conftest import TINY, Planted
 
 MakeConfig = Callable[..., Config]
 REPO = Path(__file__).resolve().parents[2]
@@ -39,16 +39,6 @@ def conf_file(cfg: Config, folder: Path) -> Path:
     path = folder / "conf.toml"
     path.write_text(dump_toml(config_to_dict(cfg)))
     return path
-
-
-class _Planted:
-    """Pickles to a call that leaves a file behind: proof that code ran."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (Path(self.marker).write_text, ("code ran",))
 
 
 # ---------------------------------------------------------------------------
@@ -66,7 +56,7 @@ def test_no_command_runs_a_planted_pickle(
     conf = conf_file(cfg, tmp_path)
     marker = tmp_path / "ran"
     head = cfg.layout.model("codes").head
-    head.write_bytes(pickle.dumps(_Planted(marker)))
+    head.write_bytes(pickle.dumps(Planted(marker)))
     for command in ("evaluate", "export"):
         assert main([command, "-c", str(conf)]) == 1
         err = capsys.readouterr().err
@@ -77,7 +67,7 @@ def test_no_command_runs_a_planted_pickle(
     shutil.rmtree(cfg.layout.models)
     legacy = cfg.layout.legacy_model
     legacy.mkdir()
-    payload = pickle.dumps(_Planted(marker))
+    payload = pickle.dumps(Planted(marker))
     (legacy / "model.joblib").write_bytes(payload)
     sha = hashlib.sha256(payload).hexdigest()
     (legacy / "model.json").write_text(

@@ -17,7 +17,7 @@ from features.backbones.registry import check_backbone_name
 from features.errors import BackboneError, ConfigError, WeightsNotFoundError
 from features.transforms import Normalize, eval_transform
 from pipeline.config import load_config
-from tests.conftest import REVISION, write_hub_cache
+from tests.conftest import REVISION, Planted, write_hub_cache
 
 
 def _timm_resnet18(classes: int = 1000, seed: int = 0) -> torch.nn.Module:
@@ -132,20 +132,10 @@ def test_local_checkpoint_loads_without_pickle(tmp_path: Path, suffix: str) -> N
     assert rehead.model.fc.weight.std() < 0.02  # a small new head
 
 
-class _Planted:
-    """Pickles to a call that leaves a file behind: proof that code ran."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (Path(self.marker).write_text, ("code ran",))
-
-
 def test_a_pth_file_that_would_run_code_is_refused_unrun(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     file = tmp_path / "planted.pth"
-    torch.save({"epoch": 3, "state_dict": _Planted(marker)}, file)
+    torch.save({"epoch": 3, "state_dict": Planted(marker)}, file)
     with pytest.raises(BackboneError, match="planted.pth is not a PyTorch weights"):
         build_backbone("timm/resnet18", str(file))
     assert not marker.exists()
