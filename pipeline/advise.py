@@ -559,7 +559,12 @@ def _settings(case: int, similarity: Similarity, size: sizing.Size) -> dict[str,
 def similarity_reason(s: Similarity) -> str:
     """The similarity verdict in one sentence with its figures."""
     g = s.gain
-    cmp = {"different": ">", "similar": "<=", "undecided": "straddles"}[s.verdict]
+    low, high, margin = 100 * g.low, 100 * g.high, 100 * s.margin
+    cmp = {
+        "different": f"{low:+.1f} > {margin:.1f}",
+        "similar": f"{high:+.1f} <= {margin:.1f}",
+        "undecided": f"{low:+.1f} <= {margin:.1f} < {high:+.1f}",
+    }[s.verdict]
     what = {
         "different": "its lower end clears",
         "similar": "its upper end stays within",
@@ -570,7 +575,7 @@ def similarity_reason(s: Similarity) -> str:
         f"{100 * g.mean:+.1f} points over top [{100 * g.low:+.1f}, "
         f"{100 * g.high:+.1f}] ({100 * g.confidence:.1f}% interval, {s.folds} "
         f"folds x {s.repeats} repeats on {s.images} images, {g.method}); "
-        f"{what} advise.top_margin = {100 * s.margin:.1f} points ({cmp})"
+        f"{what} advise.top_margin = {margin:.1f} points ({cmp})"
     )
 
 

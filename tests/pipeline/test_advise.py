@@ -107,7 +107,12 @@ def test_reasons_give_the_gain_with_its_interval_folds_and_repeats() -> None:
         "similarity: different: the best earlier layer layer2 scores +5.2 points "
         "over top [+2.1, +8.3] (97.5% interval, 5 folds x 3 repeats on 120 images"
     ) in second
-    assert "its lower end clears advise.top_margin = 1.0 points" in second
+    assert "its lower end clears advise.top_margin = 1.0 points (+2.1 > 1.0)" in second
+    undecided = advise.similarity_reason(
+        similarity("undecided", interval(0.02, -0.01, 0.05))
+    )
+    assert "within noise: it straddles advise.top_margin = 1.0 points" in undecided
+    assert undecided.endswith("(-1.0 <= 1.0 < +5.0)")
     lines = "\n".join(advise.summary_lines(advice))
     assert "+5.0 [ +2.0,  +8.0]" in lines  # each depth's gain and interval
 
