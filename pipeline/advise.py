@@ -560,20 +560,18 @@ def similarity_reason(s: Similarity) -> str:
     """The similarity verdict in one sentence with its figures."""
     g = s.gain
     low, high, margin = 100 * g.low, 100 * g.high, 100 * s.margin
-    cmp = {
-        "different": f"{low:+.1f} > {margin:.1f}",
-        "similar": f"{high:+.1f} <= {margin:.1f}",
-        "undecided": f"{low:+.1f} <= {margin:.1f} < {high:+.1f}",
-    }[s.verdict]
-    what = {
-        "different": "its lower end clears",
-        "similar": "its upper end stays within",
-        "undecided": "both within noise: it straddles",
+    what, cmp = {
+        "different": ("its lower end clears", f"{low:+.1f} > {margin:.1f}"),
+        "similar": ("its upper end stays within", f"{high:+.1f} <= {margin:.1f}"),
+        "undecided": (
+            "both within noise: it straddles",
+            f"{low:+.1f} <= {margin:.1f} < {high:+.1f}",
+        ),
     }[s.verdict]
     return (
         f"similarity: {s.verdict}: the best earlier layer {s.best_layer} scores "
-        f"{100 * g.mean:+.1f} points over top [{100 * g.low:+.1f}, "
-        f"{100 * g.high:+.1f}] ({100 * g.confidence:.1f}% interval, {s.folds} "
+        f"{100 * g.mean:+.1f} points over top [{low:+.1f}, {high:+.1f}] "
+        f"({100 * g.confidence:.1f}% interval, {s.folds} "
         f"folds x {s.repeats} repeats on {s.images} images, {g.method}); "
         f"{what} advise.top_margin = {margin:.1f} points ({cmp})"
     )
