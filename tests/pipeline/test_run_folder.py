@@ -18,8 +18,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 import pytest
@@ -39,6 +40,19 @@ def conf_file(cfg: Config, folder: Path) -> Path:
     path = folder / "conf.toml"
     path.write_text(dump_toml(config_to_dict(cfg)))
     return path
+
+
+@pytest.fixture
+def figures(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """The figures pipeline.plots draws, kept open to inspect, closed after."""
+    from pipeline import plots
+
+    shown: list[Any] = []
+    close = plots.plt.close
+    monkeypatch.setattr(plots.plt, "close", shown.append)
+    yield shown
+    for fig in shown:
+        close(fig)
 
 
 # ---------------------------------------------------------------------------
@@ -435,13 +449,8 @@ def test_the_chosen_c_is_marked_and_an_edge_of_the_grid_is_said(
     make_config: MakeConfig,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
+    figures: list[Any],
 ) -> None:
-    from pipeline import plots
-
-    shown: list = []
-    close = plots.plt.close
-    monkeypatch.setattr(plots.plt, "close", shown.append)
     cfg = make_config(image_folder, "train.C=[0.01, 0.1, 1.0]")
     candidates = [
         {"params": {"C": c}, "mean": m, "std": 0.01}
@@ -456,24 +465,19 @@ def test_the_chosen_c_is_marked_and_an_edge_of_the_grid_is_said(
     train._cv_plot(cfg, summary, tmp_path / "cv.png")
     assert "the chosen C" not in caplog.text
     # The star sits on the chosen value, and the legend names it.
-    ax = shown[-1].axes[0]
+    ax = figures[-1].axes[0]
     star = next(line for line in ax.get_lines() if line.get_marker() == "*")
     assert list(star.get_xdata()) == [1] and list(star.get_ydata()) == [0.8]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["chosen: C = 0.1"]
-    for fig in shown:
-        close(fig)
 
 
 def test_plots_keep_titles_whole_and_epochs_whole(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, figures: list[Any]
 ) -> None:
     import numpy as np
 
     from pipeline import plots
 
-    shown: list = []
-    close = plots.plt.close
-    monkeypatch.setattr(plots.plt, "close", shown.append)
     rows = [
         {
             "epoch": e,
@@ -485,19 +489,17 @@ def test_plots_keep_titles_whole_and_epochs_whole(
         for e in (1, 2, 3)
     ]
     plots.training_curves(rows, tmp_path / "c.png", title="curves")
-    ticks = shown[-1].axes[0].get_xticks()
+    ticks = figures[-1].axes[0].get_xticks()
     assert all(float(t).is_integer() for t in ticks)
     title = "fine-tuned efficientnet_lite0 (pretrained): accuracy 0.987"
     plots.confusion_plot(
         np.eye(2, dtype=int), ["a", "b"], tmp_path / "m.png", title=title
     )
-    axes_title = shown[-1].axes[0].get_title()
+    axes_title = figures[-1].axes[0].get_title()
     assert axes_title.replace("\n", " ") == title and "\n" in axes_title
-    renderer = shown[-1].canvas.get_renderer()
-    box = shown[-1].axes[0].title.get_window_extent(renderer)
-    assert box.x0 >= 0 and box.x1 <= shown[-1].bbox.width  # inside the figure
-    for fig in shown:
-        close(fig)
+    renderer = figures[-1].canvas.get_renderer()
+    box = figures[-1].axes[0].title.get_window_extent(renderer)
+    assert box.x0 >= 0 and box.x1 <= figures[-1].bbox.width  # inside the figure
 
 
 @pytest.mark.parametrize("level, kept", [("info", False), ("debug", True)])

@@ -128,7 +128,7 @@ def test_when_fine_tuning_wins_on_different_data_a_scratch_pilot_runs_too(
     val = [r.path for r in images.records if r.split == "val"]
     # The frozen probe is stubbed (no cache needed); the pilots are real. Every
     # pilot "wins", so the decision reaches the scratch pilot and takes it.
-    curve = (sizing.CurvePoint(len(images.records) - len(val), 0.0),)
+    curve = (sizing.CurvePoint(images.counts()["train"].total(), 0.0),)
     monkeypatch.setattr(
         sizing, "frozen_curve", lambda *a: (curve, None, {p: False for p in val})
     )
