@@ -87,7 +87,7 @@ def bare_forward(cfg: Config, count: int) -> float:
     """Images/s of the same code model on one in-memory uint8 batch, repeated."""
     backbone = inputs.load_backbone(cfg)
     model = CodeModel(backbone, cfg.extract.layers, cfg.extract.pooling)
-    options = inputs.extract_options(cfg)
+    options = cfg.extract
     device = resolve_device(options.device)
     compute = CodeRunner(model, options, device, resolve_precision("auto", device))
     size = backbone.preprocessing.input_size

@@ -52,7 +52,8 @@ from features.extractor import CodeModel, CodeRunner  # noqa: E402
 from features.gpu_decode import GpuJpegDecoder, jpeg_source  # noqa: E402
 from features.images import decode_image, read_plain_jpeg  # noqa: E402
 from features.onnx_engine import OnnxRunner, export_code_model  # noqa: E402
-from features.transforms import Preprocessing, decode_side, eval_transform  # noqa: E402
+from features.settings import decode_side  # noqa: E402
+from features.transforms import Preprocessing, eval_transform  # noqa: E402
 from pipeline import extract, inputs  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 
@@ -202,7 +203,7 @@ def forward_costs(model: CodeModel, engine: Path, count: int = 64) -> dict[str, 
 
 
 def _options() -> Any:
-    from features.extractor import ExtractOptions
+    from features.settings import ExtractOptions
 
     return ExtractOptions(device="cpu", precision="fp32")
 

@@ -474,7 +474,8 @@ def forward_per_image(batches: int = 5) -> float:
     import torch
 
     from features.backbones import build_backbone
-    from features.extractor import CodeModel, CodeRunner, ExtractOptions
+    from features.extractor import CodeModel, CodeRunner
+    from features.settings import ExtractOptions
 
     model = CodeModel(build_backbone("efficientnet_lite0", "default"), ["top"], ["avg"])
     runner = CodeRunner(

@@ -105,7 +105,7 @@ def extraction(args: argparse.Namespace) -> None:
     for name in PAIR:
         cfg = config(args, data, args.work / "unused", name, *SAME_INPUT)
         model = CodeModel(inputs.load_backbone(cfg), ["top"], ["avg"])
-        options = inputs.extract_options(cfg)
+        options = cfg.extract
         device = resolve_device(options.device)
         runners[name] = CodeRunner(
             model, options, device, resolve_precision("auto", device)

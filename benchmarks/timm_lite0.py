@@ -36,7 +36,8 @@ from features.backbones.efficientnet_lite import (  # noqa: E402
     pretrained_weights_path,
     timm_state_dict,
 )
-from features.extractor import CodeModel, CodeRunner, ExtractOptions  # noqa: E402
+from features.extractor import CodeModel, CodeRunner  # noqa: E402
+from features.settings import ExtractOptions  # noqa: E402
 from features.transforms import eval_transform  # noqa: E402
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "cat", "immunohistochemistry")

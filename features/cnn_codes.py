@@ -91,7 +91,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         return self
 
     def _validate(self) -> None:
-        from features.images import DECODE_MODES
+        from features.names import DECODE_MODES
         from features.pooling import parse_pooling
 
         parse_pooling(self.pooling)  # raises ValueError with the valid spellings
@@ -130,13 +130,12 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         return self._transform_images(items)
 
     def _options(self) -> Any:
-        from features.extractor import ExtractOptions
+        from features.settings import ExtractOptions
 
         return ExtractOptions(
             batch_size=self.batch_size,
             device=self.device,
             num_workers=0,
-            progress=self.progress,
             # NOTE: without cache_dir every transform extracts into a fresh
             # temporary folder, where the onnxruntime engine would be
             # exported again each time.
@@ -157,6 +156,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
                 self.model_,
                 options=self._options(),
                 cache_dir=Path(self.cache_dir or tmp),
+                progress=self.progress,
             )
             if result.skipped:
                 listed = "; ".join(f"{p}: {r}" for p, r in result.skipped[:5])
@@ -174,7 +174,8 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         from features.devices import resolve_device, resolve_precision
         from features.extractor import CodeRunner
         from features.images import reduce_to, to_rgb
-        from features.transforms import decode_side, eval_transform
+        from features.settings import Decoding
+        from features.transforms import eval_transform
 
         options = self._options()
         device = resolve_device(options.device)
@@ -182,7 +183,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
             self.model_, options, device, resolve_precision(options.precision, device)
         )
         prepare = eval_transform(self.model_.preprocessing)
-        side = decode_side(self.model_.preprocessing)
+        side = Decoding().for_input(self.model_.preprocessing).side
         out = []
         for start in range(0, len(items), self.batch_size):
             batch = [

@@ -87,7 +87,7 @@ from features.gpu_decode import (
     jpeg_source,
     resolve_decoder,
 )
-from features.images import DEFAULT_MAX_PIXELS, decode_image, read_plain_jpeg
+from features.images import read_plain_jpeg
 from features.layers import (
     as_nchw,
     build_feature_extractor,
@@ -100,11 +100,10 @@ from features.layers import (
 from features.optimize import fold_batchnorm
 from features.pooling import parse_pooling
 from features.progress import progress_bar
+from features.settings import VIEW_CROP_SCALE, Decoding, ExtractOptions
 from features.transforms import (
-    VIEW_CROP_SCALE,
     Normalize,
     Preprocessing,
-    decode_side,
     eval_transform,
     view_transform,
 )
@@ -113,29 +112,13 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ExtractOptions:
-    """How the forward pass runs and how codes are stored.
+class _Settings:
+    """One extraction's settings: the options and the inputs beside them."""
 
-    Attributes mirror the `[extract]` table of conf.toml; `seed` seeds the
-    augmented views, `background` and `max_pixels` the image decoding.
-    """
-
-    batch_size: int = 64
-    device: str = "auto"
-    precision: str = "auto"
-    channels_last: bool = True
-    num_workers: int = -1
-    dtype: str = "float32"
-    compression: str = "none"
-    views: int = 1
-    shard_size: int = 1024
-    seed: int = 0
-    background: tuple[int, ...] = (255, 255, 255)
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    progress: bool = True
-    engine: str = "auto"
-    decoder: str = "auto"
-    threads: int = -1
+    options: ExtractOptions
+    decoding: Decoding
+    seed: int  # seeds the augmented views
+    progress: bool
 
 
 @dataclass(frozen=True)
@@ -234,8 +217,9 @@ class _RowDataset(Dataset[Any]):
         files: Sequence[Path],
         table: ImageTable,
         prep: Preprocessing,
-        options: ExtractOptions,
+        decoding: Decoding,
         *,
+        seed: int = 0,
         gpu_jpeg: bool = False,
     ) -> None:
         self.files = files
@@ -244,10 +228,10 @@ class _RowDataset(Dataset[Any]):
         self.eval_transform = eval_transform(prep)
         self.view_transform = view_transform(prep)
         # NOTE: augmented views crop, so fast decoding keeps them more pixels.
-        self.eval_side = decode_side(prep)
-        self.view_side = decode_side(prep, crop_scale=VIEW_CROP_SCALE)
+        self.eval_decoding = decoding.for_input(prep)
+        self.view_decoding = decoding.for_input(prep, crop_scale=VIEW_CROP_SCALE)
         self.size = prep.input_size
-        self.options = options
+        self.seed = seed
         self.gpu_jpeg = gpu_jpeg
 
     def __len__(self) -> int:
@@ -261,7 +245,9 @@ class _RowDataset(Dataset[Any]):
         # NOTE: augmented views keep the CPU path: their seeded random crops
         # are defined on PIL images.
         jpeg = (
-            None if view else read_plain_jpeg(file, max_pixels=self.options.max_pixels)
+            None
+            if view
+            else read_plain_jpeg(file, max_pixels=self.eval_decoding.max_pixels)
         )
         if jpeg is None:
             return (*self.item(row, file, view), None)
@@ -270,7 +256,7 @@ class _RowDataset(Dataset[Any]):
     def item(self, row: int, file: Path, view: int) -> Item:
         """The row decoded and transformed on the CPU."""
         try:
-            image = self.decode(file, self.view_side if view else self.eval_side)
+            image = (self.view_decoding if view else self.eval_decoding).open(file)
         except ImageDecodeError as err:
             return row, self._blank(), False, str(err).removeprefix(f"{file}: ")
         if view == 0:
@@ -280,21 +266,12 @@ class _RowDataset(Dataset[Any]):
         with torch.random.fork_rng(devices=[]):
             # NOTE: the CPU generator only: torch.manual_seed also queues a
             # CUDA seeding call with a formatted stack on every call.
-            torch.default_generator.manual_seed(_row_seed(self.options.seed, row))
+            torch.default_generator.manual_seed(_row_seed(self.seed, row))
             return row, self.view_transform(image), True, ""
-
-    def decode(self, file: Path, side: int | None) -> Any:
-        """One file as an RGB PIL image (ImageDecodeError when unreadable)."""
-        return decode_image(
-            file,
-            max_pixels=self.options.max_pixels,
-            background=self.options.background,
-            min_side=side,
-        )
 
     def cpu_pixels(self, file: Path) -> torch.Tensor:
         """View 0 of `file` decoded on the CPU: the GPU decoder's fallback."""
-        return self.eval_transform(self.decode(file, self.eval_side))
+        return self.eval_transform(self.eval_decoding.open(file))
 
     def _blank(self) -> torch.Tensor:
         return torch.zeros(3, self.size, self.size, dtype=torch.uint8)
@@ -331,12 +308,23 @@ class CodePlan:
 
 
 def plan_codes(
-    images: ImageSet, model: CodeModel, options: ExtractOptions, cache_dir: Path
+    images: ImageSet,
+    model: CodeModel,
+    options: ExtractOptions,
+    cache_dir: Path,
+    *,
+    decoding: Decoding | None = None,
+    seed: int = 0,
 ) -> CodePlan:
-    """The cache key and file of these images through this model (no compute)."""
+    """The cache key and file of these images through this model (no compute).
+
+    `decoding` and `seed` (of augmented views) are those `extract_codes` is
+    given.
+    """
     device = resolve_device(options.device)
     precision = resolve_precision(options.precision, device)
-    provenance = _provenance(images, model, options, device, precision)
+    settings = _Settings(options, decoding or Decoding(), seed, progress=False)
+    provenance = _provenance(images, model, settings, device, precision)
     key = cache_key(provenance)
     return CodePlan(key, provenance, Path(cache_dir) / f"codes-{key[:16]}.h5")
 
@@ -347,6 +335,9 @@ def extract_codes(
     *,
     options: ExtractOptions,
     cache_dir: Path,
+    decoding: Decoding | None = None,
+    seed: int = 0,
+    progress: bool = True,
     world: World | None = None,
 ) -> ExtractResult:
     """Compute (or find) the cached codes of `images`.
@@ -360,6 +351,10 @@ def extract_codes(
             is read).
         options: forward-pass and storage options.
         cache_dir: folder of cache files, one per key.
+        decoding: how image files are decoded (its side is set per input);
+            the default recipe when None.
+        seed: seeds the augmented views (`options.views` > 1).
+        progress: show a progress bar.
         world: this process's place in a torchrun job (`join_world()`); one
             process when omitted.
 
@@ -375,11 +370,12 @@ def extract_codes(
     start = time.perf_counter()
     device = process_device(resolve_device(options.device), world)
     precision = resolve_precision(options.precision, device)
+    settings = _Settings(options, decoding or Decoding(), seed, progress)
     with contextlib.ExitStack() as stack:
-        job = _open_job(images, model, options, cache_dir, world, stack)
+        job = _open_job(images, model, settings, cache_dir, world, stack)
         if isinstance(job, tuple):  # the cache exists: nothing to compute
             return _reuse(*job, start)
-        computed, failures = _run_shards(job, model, options, device, precision, world)
+        computed, failures = _run_shards(job, model, settings, device, precision, world)
         failures = _finish_job(job, failures, device, world)
     return _computed_result(job, failures, computed, start)
 
@@ -394,10 +390,23 @@ class _Job:
     images: ImageSet
 
 
+def _plan_for(
+    images: ImageSet, model: CodeModel, settings: _Settings, cache_dir: Path
+) -> CodePlan:
+    return plan_codes(
+        images,
+        model,
+        settings.options,
+        cache_dir,
+        decoding=settings.decoding,
+        seed=settings.seed,
+    )
+
+
 def _open_job(
     images: ImageSet | None,
     model: CodeModel,
-    options: ExtractOptions,
+    settings: _Settings,
     cache_dir: Path,
     world: World,
     stack: contextlib.ExitStack,
@@ -408,11 +417,11 @@ def _open_job(
     def lead() -> _Job | CodePlan:
         if images is None:
             raise AssertionError("rank 0 of a job needs the listed images")
-        plan = plan_codes(images, model, options, cache_dir)
+        plan = _plan_for(images, model, settings, cache_dir)
         if plan.path.exists():
             return plan
-        table = image_table(images, options.views)
-        store = stack.enter_context(_store(plan, model, options, table, world))
+        table = image_table(images, settings.options.views)
+        store = stack.enter_context(_store(plan, model, settings.options, table, world))
         if plan.path.exists():  # another job finished it just before the lock
             return plan
         listing = {
@@ -439,14 +448,14 @@ def _open_job(
         return final, message["key"]
     if isinstance(led, _Job):
         return led
-    return _join_job(final, message["key"], model, options, world, stack)
+    return _join_job(final, message["key"], model, settings, world, stack)
 
 
 def _join_job(
     final: Path,
     key: str,
     model: CodeModel,
-    options: ExtractOptions,
+    settings: _Settings,
     world: World,
     stack: contextlib.ExitStack,
 ) -> _Job:
@@ -467,7 +476,7 @@ def _join_job(
         tuple(Skipped(p, r) for p, r in skipped),
         listing["fingerprint"],
     )
-    plan = plan_codes(images, model, options, final.parent)
+    plan = _plan_for(images, model, settings, final.parent)
     if plan.key != key:
         raise DistributedError(
             f"rank {world.rank} computes cache key {plan.key[:16]} where rank 0 "
@@ -475,7 +484,7 @@ def _join_job(
             "or backbone weights. Run every rank with the same conf.toml and "
             "software."
         )
-    store = stack.enter_context(_store(plan, model, options, table, world))
+    store = stack.enter_context(_store(plan, model, settings.options, table, world))
     return _Job(plan, store, table, images)
 
 
@@ -524,29 +533,19 @@ def _store(
 def _run_shards(
     job: _Job,
     model: CodeModel,
-    options: ExtractOptions,
+    settings: _Settings,
     device: torch.device,
     precision: str,
     world: World,
 ) -> tuple[int, Failures]:
     """Compute this rank's share of the missing shards.
 
-    Each rank checks every size-th shard for a committed file, the missing
-    ones are pooled, and rank r computes every size-th of those: the shares
-    stay even after a resume, whichever ranks had finished what.
-
     Returns:
         The rows computed by the whole job, and the failed decodes this rank
         knows of.
     """
     store = job.store
-    mine = range(world.rank, store.n_shards, world.size)
-    done = store.committed(mine)
-    failures = {row: why for found in done.values() for row, why in found.items()}
-    missing = [s for s in mine if s not in done]
-    todo = sorted(
-        s for text in gather_text(world, json.dumps(missing)) for s in json.loads(text)
-    )
+    todo, failures = _missing_shards(store, world)
     assigned = todo[world.rank :: world.size]
     # Every rank's shards land in the one shared folder: known now, so a disk
     # too small fails before the forward pass rather than part way through.
@@ -566,22 +565,39 @@ def _run_shards(
     # NOTE: `todo` is the same on every rank, so all of them join the
     # export (rank 0's) or none does.
     engine = (
-        _engine_file(model, store, options, device, precision, world) if todo else None
+        _engine_file(model, store, settings.options, device, precision, world)
+        if todo
+        else None
     )
     if assigned:
         failures |= _forward(
             model,
-            job.images,
-            job.table,
-            store,
+            job,
             assigned,
-            options,
+            settings,
             device,
             precision,
             world,
             engine,
         )
     return sum(len(store.rows(s)) for s in todo), failures
+
+
+def _missing_shards(store: ShardStore, world: World) -> tuple[list[int], Failures]:
+    """The shards no rank has committed, and the failed decodes of this rank's.
+
+    Each rank checks every size-th shard for a committed file and the
+    missing ones are pooled; rank r then computes every size-th of those, so
+    the shares stay even after a resume, whichever ranks had finished what.
+    """
+    mine = range(world.rank, store.n_shards, world.size)
+    done = store.committed(mine)
+    failures = {row: why for found in done.values() for row, why in found.items()}
+    missing = [s for s in mine if s not in done]
+    todo = sorted(
+        s for text in gather_text(world, json.dumps(missing)) for s in json.loads(text)
+    )
+    return todo, failures
 
 
 def _finish_job(
@@ -689,11 +705,9 @@ def _result(
 
 def _forward(
     model: CodeModel,
-    images: ImageSet,
-    table: ImageTable,
-    store: ShardStore,
+    job: _Job,
     todo: Sequence[int],
-    options: ExtractOptions,
+    settings: _Settings,
     device: torch.device,
     precision: str,
     world: World,
@@ -703,11 +717,10 @@ def _forward(
 
     `engine` is the onnxruntime file of the code model, None for torch.
     """
+    store, table = job.store, job.table
     rows = [row for shard in todo for row in store.rows(shard)]
-    compute = _runner(model, engine, options, device, precision)
-    loader = _loader(
-        model, images, table, rows, options, device, compute, rank_cpus(world)
-    )
+    compute = _runner(model, engine, settings.options, device, precision)
+    loader = _loader(model, job, rows, settings, device, compute, rank_cpus(world))
     shards = _ShardBuffer(store)
     # One bar per job: rank 0's, counting its own share under torchrun.
     total = len(table.row_image) if world.size == 1 else len(rows)
@@ -715,7 +728,7 @@ def _forward(
         total,
         initial=total - len(rows),
         desc="extract" if world.size == 1 else f"extract (rank 0 of {world.size})",
-        enabled=options.progress and world.main,
+        enabled=settings.progress and world.main,
     ) as bar:
         for batch_rows, pixels, ok, reasons in loader:
             codes = compute(pixels)
@@ -772,9 +785,6 @@ def _engine_file(
     return _wait_for(path)
 
 
-ENGINES = ("auto", "torch", "onnxruntime")
-
-
 def resolve_engine(spec: str, device: torch.device, precision: str) -> str:
     """ "auto" is onnxruntime for a float32 forward on the CPU, torch elsewhere.
 
@@ -808,10 +818,9 @@ def _export_engine(model: CodeModel, path: Path, spec: str) -> None:
 
 def _loader(
     model: CodeModel,
-    images: ImageSet,
-    table: ImageTable,
+    job: _Job,
     rows: Sequence[int],
-    options: ExtractOptions,
+    settings: _Settings,
     device: torch.device,
     compute: Any,
     cpus: int,
@@ -821,9 +830,17 @@ def _loader(
     Also sets `compute`'s threads: the loader plan shares this process's
     `cpus` cores between the decoders and the forward.
     """
-    files = [images.absolute(r) for r in images.records]
+    options = settings.options
+    files = [job.images.absolute(r) for r in job.images.records]
     gpu = resolve_decoder(options.decoder, device) == "nvjpeg"
-    dataset = _RowDataset(files, table, model.preprocessing, options, gpu_jpeg=gpu)
+    dataset = _RowDataset(
+        files,
+        job.table,
+        model.preprocessing,
+        settings.decoding,
+        seed=settings.seed,
+        gpu_jpeg=gpu,
+    )
     plan = _plan(dataset, rows, compute, options, device, cpus)
     log.info("loader: %s", plan.describe())
     if plan.forward_threads:
@@ -1052,14 +1069,15 @@ class _ShardBuffer:
 def _provenance(
     images: ImageSet,
     model: CodeModel,
-    options: ExtractOptions,
+    settings: _Settings,
     device: torch.device,
     precision: str,
 ) -> dict[str, Any]:
     """Everything that determines the codes' values: the cache key's input."""
+    options = settings.options
     views: dict[str, Any] = {"count": options.views}
     if options.views > 1:
-        views.update(seed=options.seed, crop_scale=list(VIEW_CROP_SCALE))
+        views.update(seed=settings.seed, crop_scale=list(VIEW_CROP_SCALE))
     return {
         "format_version": FORMAT_VERSION,
         "backbone": model.identity,
@@ -1077,7 +1095,7 @@ def _provenance(
             "fold_batchnorm": model.folded > 0,
             "decoder": resolve_decoder(options.decoder, device),
         },
-        "decode": {"background": list(options.background)},
+        "decode": {"background": list(settings.decoding.background)},
         "images": image_identity(images),
     }
 

@@ -30,15 +30,11 @@ import torch.nn.functional as F
 
 from features.errors import ConfigError, ImageDecodeError
 from features.images import draft_scale
-from features.transforms import Preprocessing, decode_side, resize_crop
+from features.names import DECODERS
+from features.settings import Decoding
+from features.transforms import Preprocessing, resize_crop
 
 log = logging.getLogger(__name__)
-
-DECODERS = ("auto", "pillow", "nvjpeg")
-"""`extract.decoder`: auto (nvJPEG on CUDA devices), pillow (CPU), nvjpeg.
-
-NOTE: pipeline/config.py keeps its own copy (importing this module would
-load torch for `quadrant --help`); a test checks the two agree."""
 
 JpegDecode = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 CpuDecode = Callable[[Path], torch.Tensor]
@@ -186,7 +182,7 @@ class GpuJpegDecoder:
     def __post_init__(self) -> None:
         self._decode = self.decode or nvjpeg_decode(self.device)
         self._resize_crop = resize_crop(self.prep)
-        self._side = decode_side(self.prep)
+        self._side = Decoding().for_input(self.prep).side
 
     def __call__(
         self,

@@ -36,10 +36,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_PIXELS: int = 89_478_485
 """Pillow's own default decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`)."""
 
-DECODE_MODES: tuple[str, ...] = ("fast", "full")
-"""`data.decode`: "fast" decodes large images small (JPEG DCT scaling, box
-reduction) for a resize that follows; "full" decodes every pixel."""
-
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {
         ".bmp",

@@ -14,9 +14,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from features.names import SPATIAL_POOLINGS, TOKEN_POOLINGS
+
 _GRID = re.compile(r"^grid:(\d+)$")
-SPATIAL = ("avg", "max", "avg+max")
-TOKEN = ("cls", "patch_avg", "cls+patch_avg")
 CHOICES = "avg, max, avg+max, grid:K with K >= 1, cls, patch_avg or cls+patch_avg"
 
 
@@ -34,7 +34,7 @@ class Pooling:
     @property
     def tokens_only(self) -> bool:
         """Whether this pooling needs token outputs (N, L, D)."""
-        return self.kind in TOKEN
+        return self.kind in TOKEN_POOLINGS
 
     def dims(self, channels: int) -> int:
         """Code length for a map with `channels` channels (or tokens of that width)."""
@@ -51,7 +51,7 @@ def parse_pooling(spec: str) -> Pooling:
     Raises:
         ValueError: for any other spelling.
     """
-    if spec in SPATIAL or spec in TOKEN:
+    if spec in SPATIAL_POOLINGS or spec in TOKEN_POOLINGS:
         return Pooling(spec)
     match = _GRID.match(spec)
     if match and int(match.group(1)) >= 1:

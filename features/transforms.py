@@ -7,7 +7,6 @@ its way to the GPU, and the exported ONNX graph takes the same uint8 input.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -18,30 +17,16 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from features.images import DECODE_MODES
+from features.settings import VIEW_CROP_SCALE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_INTERPOLATIONS = {
+# torchvision's mode for each of `names.INTERPOLATIONS`.
+INTERPOLATION_MODES = {
     "nearest": InterpolationMode.NEAREST,
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
 }
-# Augmented views (extract.views > 1) crop at least this share of the image, a
-# milder range than Inception's 0.08: codes of a frozen network should stay
-# recognisably the same object.
-VIEW_CROP_SCALE = (0.35, 1.0)
-# Fine-tuning's RandomResizedCrop: Inception's range (torchvision's default).
-TRAIN_CROP_SCALE = (0.08, 1.0)
-# NOTE: fast decoding keeps twice the resize target (Pillow's reducing_gap
-# of 2), so the final antialiased resize still does most of the shrinking.
-# Keeping just the target (a 4000x3000 photo decoded at 1/8 scale) blurred
-# enough to bring 10 of the 200 benchmark photos' codes below cosine 0.995
-# to full decoding's (min 0.9936); twice the target (1/4 scale) gave min
-# 0.9991 for 15% more decoding time (docs/benchmarks.md).
-FAST_DECODE_GAP = 2
-# RandomResizedCrop's aspect ratios: 3/4 to 4/3 (torchvision's default).
-_CROP_RATIO = (3 / 4, 4 / 3)
 
 
 @dataclass(frozen=True)
@@ -80,39 +65,13 @@ class Preprocessing:
         return replace(self, **given)
 
 
-def decode_side(
-    prep: Preprocessing, *, crop_scale: tuple[float, float] | None = None
-) -> int | None:
-    """The shorter side fast decoding keeps for this preprocessing (None: full).
-
-    For the evaluation transform that is `FAST_DECODE_GAP` times the resize
-    target. For a random resized crop (`crop_scale`: its range of area
-    shares) it is the side at which even the smallest crop, at the narrowest
-    aspect ratio, still holds `input_size` pixels on its shorter side, so no
-    crop is upsampled (augmentation has no full-decoding result to match).
-
-    Raises:
-        ValueError: `prep.decode` is not one of `DECODE_MODES`.
-    """
-    if prep.decode not in DECODE_MODES:
-        raise ValueError(f"decode = {prep.decode!r} is not one of {list(DECODE_MODES)}")
-    if prep.decode == "full":
-        return None
-    if crop_scale is None:
-        return FAST_DECODE_GAP * max(prep.resize_size, prep.input_size)
-    # NOTE: a crop of area share s and aspect ratio r has a shorter side of
-    # sqrt(s * min(r, 1/r)) * sqrt(W * H) >= sqrt(s * 3/4) * min(W, H).
-    narrowest = crop_scale[0] * min(_CROP_RATIO[0], 1 / _CROP_RATIO[1])
-    return math.ceil(prep.input_size / math.sqrt(narrowest))
-
-
 def resize_crop(prep: Preprocessing) -> T.Compose:
     """Resize the shorter side to `resize_size`, centre-crop `input_size`.
 
     Works on PIL images and on uint8 tensors (N, 3, H, W) alike: the CPU
     path and GPU decoding share it.
     """
-    mode = _INTERPOLATIONS[prep.interpolation]
+    mode = INTERPOLATION_MODES[prep.interpolation]
     return T.Compose(
         [
             T.Resize(prep.resize_size, interpolation=mode, antialias=True),
@@ -128,7 +87,7 @@ def eval_transform(prep: Preprocessing) -> Callable[[Image.Image], torch.Tensor]
 
 def view_transform(prep: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
     """A random crop and flip for augmented views; seed the torch RNG before use."""
-    mode = _INTERPOLATIONS[prep.interpolation]
+    mode = INTERPOLATION_MODES[prep.interpolation]
     return T.Compose(
         [
             T.RandomResizedCrop(

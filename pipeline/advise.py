@@ -44,7 +44,7 @@ from features.backbones import Backbone
 from features.codes import load_codes
 from features.data import ImageSet
 from features.errors import DataError
-from features.extractor import CodeModel, ExtractResult, extract_codes
+from features.extractor import CodeModel, ExtractResult
 from features.layers import TOP, spread_layers
 from features.probes import (
     DomainStatistics,
@@ -292,12 +292,7 @@ def _extract(
         len(model.specs),
         len(images if whole else sample),
     )
-    return extract_codes(
-        images if whole else sample,
-        model,
-        options=inputs.extract_options(cfg),
-        cache_dir=cfg.cache_dir,
-    )
+    return inputs.extract_for(cfg, images if whole else sample, model)
 
 
 # ---------------------------------------------------------------------------

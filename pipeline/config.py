@@ -9,75 +9,68 @@ spent. Stages never read TOML, argparse or the environment themselves.
 from __future__ import annotations
 
 import math
-import re
 import tomllib
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from features.errors import ConfigError
-from features.images import DECODE_MODES, DEFAULT_MAX_PIXELS
+from features.images import DEFAULT_MAX_PIXELS
+from features.limits import (
+    Check,
+    Each,
+    Interval,
+    Limits,
+    OneOf,
+    Parses,
+    Rule,
+    Unique,
+    check_limits,
+)
+from features.names import (
+    AUGMENTS,
+    CLASS_WEIGHTS,
+    CLASSIFIERS,
+    FINGERPRINTS,
+    INITS,
+    INPUT_DTYPES,
+    INT8_MODES,
+    INTERPOLATIONS,
+    LOG_LEVELS,
+    LR_SCALINGS,
+    MODEL_CHOICES,
+    MONITORS,
+    OPTIMIZERS,
+    PRECISIONS,
+    PREPROCESS_STEPS,
+    SCORINGS,
+    STRATEGIES,
+    TRAIN_VIEWS,
+)
 from features.pooling import parse_pooling
-from pipeline.layout import MODEL_KINDS, RunLayout
+from features.settings import DECODING_LIMITS, DEVICE, Decoding, ExtractOptions
+from pipeline.layout import RunLayout
 
 T = TypeVar("T")
 
-DEVICES = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-STORAGE_DTYPES = ("float32", "float16")
-COMPRESSIONS = ("none", "lzf", "gzip")
-DECODERS = ("auto", "pillow", "nvjpeg")
-ENGINES = ("auto", "torch", "onnxruntime")
-FINGERPRINTS = ("stat", "content")
-STRATEGIES = {
-    "auto": "auto",
-    "1": "1",
-    "2": "2",
-    "3": "3",
-    "4": "4",
-    "linear_top": "1",
-    "linear_early": "2",
-    "finetune": "3",
-    "scratch": "4",
-}
-LOG_LEVELS = ("debug", "info", "warning", "error")
-CLASSIFIERS = ("logistic", "linear_svm", "svm", "sgd")
-PREPROCESS_STEPS = ("standardize", "l2", "pca")
-CLASS_WEIGHTS = ("none", "balanced")
-SCORINGS = ("accuracy", "balanced_accuracy", "f1_macro")
-OPTIMIZERS = ("adamw", "sgd")
-AUGMENTS = ("standard", "trivialaugment", "none")
-MONITORS = ("accuracy", "balanced_accuracy", "loss")
 # Keys earlier versions accepted, with what replaces them.
 RETIRED = {
     ("advise", "large_per_class"): "the advisor measures size with a pilot "
     "fine-tune above advise.small_per_class (docs/advisor.md)",
 }
 
-
-def _check_choice(section: str, key: str, value: str, choices: Iterable[str]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ConfigError(
-            f"[{section}] {key} = {value!r} is not one of {list(choices)}"
-        )
-
-
-def _check_seed(section: str, key: str, value: int) -> None:
-    # NOTE: numpy's legacy generators (scikit-learn's random_state) take
-    # 0 <= seed < 2**32 and fail deep inside a fit otherwise.
-    if not 0 <= value < 2**32:
-        raise ConfigError(
-            f"[{section}] {key} must be an integer in 0..{2**32 - 1}, got {value}"
-        )
-
-
-def _check_fraction(section: str, key: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ConfigError(f"[{section}] {key} must be in [0, 1), got {value}")
+# Limits several sections share.
+# NOTE: numpy's legacy generators (scikit-learn's random_state) take
+# 0 <= seed < 2**32 and fail deep inside a fit otherwise.
+SEED = Interval(0, 2**32 - 1, what="an integer")
+FRACTION = Interval(0, 1, closed="left")
+POSITIVE = Interval(0, None, closed="neither")
+AT_LEAST_1 = Interval(1, None)
+AT_LEAST_2 = Interval(2, None)
+NOT_NEGATIVE = Interval(0, None)
 
 
 @dataclass(frozen=True)
@@ -87,7 +80,8 @@ class DataConfig:
     `root` is a folder of class subfolders (optionally under train/ val/ test/)
     or a CSV manifest with columns `path,label[,split]`. Splits that the data
     does not provide are carved out of the training images, per class, with a
-    seeded shuffle.
+    seeded shuffle. `decode`, `max_pixels` and `background` are the decode
+    recipe (`decoding`).
     """
 
     root: Path = Path("data/digits")
@@ -99,24 +93,28 @@ class DataConfig:
     fingerprint: str = "stat"
     decode: str = "fast"
 
+    LIMITS: ClassVar[Limits] = {
+        "val_fraction": FRACTION,
+        "test_fraction": FRACTION,
+        "seed": SEED,
+        "fingerprint": OneOf(FINGERPRINTS),
+        **DECODING_LIMITS,
+    }
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            ("val_fraction", "test_fraction"),
+            lambda val, test: val + test < 1,
+            "must leave images for training (their sum below 1)",
+        ),
+    )
+
     def __post_init__(self) -> None:
-        _check_fraction("data", "val_fraction", self.val_fraction)
-        _check_fraction("data", "test_fraction", self.test_fraction)
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ConfigError(
-                "[data] val_fraction + test_fraction must leave images for "
-                f"training, got {self.val_fraction} + {self.test_fraction} >= 1"
-            )
-        if self.max_pixels <= 0:
-            raise ConfigError(f"[data] max_pixels must be > 0, got {self.max_pixels}")
-        if len(self.background) != 3 or not all(0 <= c <= 255 for c in self.background):
-            raise ConfigError(
-                "[data] background must be three integers in 0..255 (an RGB "
-                f"colour), got {list(self.background)}"
-            )
-        _check_choice("data", "fingerprint", self.fingerprint, FINGERPRINTS)
-        _check_seed("data", "seed", self.seed)
-        _check_choice("data", "decode", self.decode, DECODE_MODES)
+        check_limits("[data]", self, self.LIMITS, self.RULES)
+
+    @property
+    def decoding(self) -> Decoding:
+        """The decode recipe; `Decoding.for_input` sets its side per network."""
+        return Decoding(self.decode, self.max_pixels, self.background)
 
 
 @dataclass(frozen=True)
@@ -139,27 +137,21 @@ class BackboneConfig:
     std: tuple[float, ...] | None = None
     interpolation: str | None = None
 
+    LIMITS: ClassVar[Limits] = {
+        "input_size": Interval(8, None),
+        "resize_size": Interval(8, None),
+        "mean": Check(lambda v: len(v) == 3, "must have 3 values (R, G, B)", (0.5,)),
+        "std": Check(
+            lambda v: len(v) == 3 and min(v) > 0,
+            "must have 3 values (R, G, B), each > 0",
+            (0.5, 0.5, 0.0),
+        ),
+        "interpolation": OneOf(INTERPOLATIONS),
+    }
+
     def __post_init__(self) -> None:
+        check_limits("[backbone]", self, self.LIMITS)
         self._check_name()
-        for key in ("input_size", "resize_size"):
-            value = getattr(self, key)
-            if value is not None and value < 8:
-                raise ConfigError(f"[backbone] {key} must be >= 8, got {value}")
-        for key in ("mean", "std"):
-            value = getattr(self, key)
-            if value is not None and len(value) != 3:
-                raise ConfigError(
-                    f"[backbone] {key} must have 3 values (R, G, B), got {list(value)}"
-                )
-        if self.std is not None and min(self.std) <= 0:
-            raise ConfigError(f"[backbone] std must be > 0, got {list(self.std)}")
-        if self.interpolation is not None:
-            _check_choice(
-                "backbone",
-                "interpolation",
-                self.interpolation,
-                ("nearest", "bilinear", "bicubic"),
-            )
 
     def _check_name(self) -> None:
         # NOTE: imported here: reading the config module stays torch-free, and
@@ -194,9 +186,13 @@ class BackboneConfig:
         }
 
 
+def _pooling_spec(spec: str) -> None:
+    parse_pooling(spec)  # raises ValueError naming the valid spellings
+
+
 @dataclass(frozen=True)
-class ExtractConfig:
-    """How CNN codes are computed and cached.
+class ExtractConfig(ExtractOptions):
+    """How CNN codes are computed and cached: `ExtractOptions` and the layers.
 
     `layers` are names from `quadrant layers` ("top" is the input of the
     backbone's classifier); every layer is pooled with every entry of
@@ -207,64 +203,28 @@ class ExtractConfig:
 
     layers: tuple[str, ...] = ("top",)
     pooling: tuple[str, ...] = ("avg",)
-    batch_size: int = 64
-    device: str = "auto"
-    precision: str = "auto"
-    channels_last: bool = True
-    num_workers: int = -1
-    dtype: str = "float32"
-    compression: str = "none"
-    views: int = 1
-    shard_size: int = 1024
-    engine: str = "auto"
     cache_dir: Path | None = None
-    decoder: str = "auto"
-    threads: int = -1
+
+    LIMITS: ClassVar[Limits] = {
+        "layers": Unique(
+            Each(
+                Check(
+                    lambda name: bool(name.strip()),
+                    "must be layer names from `quadrant layers`",
+                    " ",
+                ),
+                empty=False,
+                hint=' layer, e.g. ["top"]',
+            )
+        ),
+        "pooling": Each(
+            Parses(_pooling_spec, "mean"), empty=False, hint=', e.g. ["avg"]'
+        ),
+        **ExtractOptions.LIMITS,
+    }
 
     def __post_init__(self) -> None:
-        if not self.layers:
-            raise ConfigError(
-                '[extract] layers must name at least one layer, e.g. ["top"]'
-            )
-        if len(set(self.layers)) != len(self.layers):
-            raise ConfigError(f"[extract] layers has duplicates: {list(self.layers)}")
-        if not self.pooling:
-            raise ConfigError('[extract] pooling must name at least one, e.g. ["avg"]')
-        for spec in self.pooling:
-            try:
-                parse_pooling(spec)
-            except ValueError as err:
-                raise ConfigError(f"[extract] pooling: {err}") from None
-        if self.batch_size <= 0:
-            raise ConfigError(
-                f"[extract] batch_size must be > 0, got {self.batch_size}"
-            )
-        if not DEVICES.match(self.device):
-            raise ConfigError(
-                f"[extract] device = {self.device!r} is not one of auto, cpu, "
-                "cuda, cuda:N, mps"
-            )
-        _check_choice("extract", "precision", self.precision, PRECISIONS)
-        _check_choice("extract", "dtype", self.dtype, STORAGE_DTYPES)
-        _check_choice("extract", "compression", self.compression, COMPRESSIONS)
-        _check_choice("extract", "engine", self.engine, ENGINES)
-        if self.num_workers < -1:
-            raise ConfigError(
-                "[extract] num_workers must be -1 (auto), 0 (main process) or "
-                f"more, got {self.num_workers}"
-            )
-        if self.views < 1:
-            raise ConfigError(f"[extract] views must be >= 1, got {self.views}")
-        if self.shard_size <= 0:
-            raise ConfigError(
-                f"[extract] shard_size must be > 0, got {self.shard_size}"
-            )
-        _check_choice("extract", "decoder", self.decoder, DECODERS)
-        if self.threads < -1 or self.threads == 0:
-            raise ConfigError(
-                "[extract] threads must be -1 (chosen with the loader workers) or "
-                f">= 1, got {self.threads}"
-            )
+        check_limits("[extract]", self, self.LIMITS)
 
 
 @dataclass(frozen=True)
@@ -295,49 +255,44 @@ class TrainConfig:
     buffer_mib: int = 256
     codes: Path | None = None
 
+    LIMITS: ClassVar[Limits] = {
+        "classifier": OneOf(CLASSIFIERS),
+        "pooling": Parses(_pooling_spec, "mean"),
+        "preprocess": Unique(Each(OneOf(PREPROCESS_STEPS))),
+        "pca_components": Check(
+            lambda v: 0 < v < 1 or (v >= 1 and float(v).is_integer()),
+            "must be a share of variance in (0, 1) or a whole number of components",
+            1.5,
+        ),
+        "C": Each(POSITIVE, empty=False, hint=" value, e.g. [1.0]"),
+        "gamma": Each(
+            Check(
+                lambda g: g in ("scale", "auto") if isinstance(g, str) else g > 0,
+                "values must be 'scale', 'auto' or > 0",
+                "often",
+            ),
+            empty=False,
+            hint=' value, e.g. ["scale"]',
+        ),
+        "alpha": Each(POSITIVE, empty=False, hint=" value, e.g. [1e-4]"),
+        "class_weight": OneOf(CLASS_WEIGHTS),
+        "scoring": OneOf(SCORINGS),
+        "cv_folds": AT_LEAST_2,
+        # NOTE: joblib's n_jobs: -1 every core, -2 all but one, ...; 0 is none.
+        "n_jobs": Check(
+            lambda n: n != 0,
+            "must be a number of parallel jobs, or -1 for every core (-2: all "
+            "but one); 0 runs nothing",
+            0,
+        ),
+        "max_iter": AT_LEAST_1,
+        "views": OneOf(TRAIN_VIEWS),
+        "epochs": AT_LEAST_1,
+        "buffer_mib": AT_LEAST_1,
+    }
+
     def __post_init__(self) -> None:
-        _check_choice("train", "classifier", self.classifier, CLASSIFIERS)
-        for step in self.preprocess:
-            _check_choice("train", "preprocess", step, PREPROCESS_STEPS)
-        if len(set(self.preprocess)) != len(self.preprocess):
-            raise ConfigError(
-                f"[train] preprocess has duplicates: {list(self.preprocess)}"
-            )
-        if self.pca_components <= 0 or (
-            self.pca_components >= 1 and not float(self.pca_components).is_integer()
-        ):
-            raise ConfigError(
-                "[train] pca_components must be a share of variance in (0, 1) or a "
-                f"whole number of components, got {self.pca_components}"
-            )
-        for key in ("C", "alpha"):
-            values = getattr(self, key)
-            if not values or min(values) <= 0:
-                raise ConfigError(
-                    f"[train] {key} must be positive numbers, got {list(values)}"
-                )
-        for g in self.gamma:
-            if (
-                isinstance(g, str)
-                and g not in ("scale", "auto")
-                or (not isinstance(g, str) and g <= 0)
-            ):
-                raise ConfigError(
-                    f"[train] gamma values must be 'scale', 'auto' or > 0, got {g!r}"
-                )
-        _check_choice("train", "class_weight", self.class_weight, CLASS_WEIGHTS)
-        _check_choice("train", "scoring", self.scoring, SCORINGS)
-        _check_choice("train", "views", self.views, ("first", "all"))
-        for key in ("cv_folds",):
-            if getattr(self, key) < 2:
-                raise ConfigError(
-                    f"[train] {key} must be >= 2, got {getattr(self, key)}"
-                )
-        for key in ("max_iter", "epochs", "buffer_mib"):
-            if getattr(self, key) < 1:
-                raise ConfigError(
-                    f"[train] {key} must be >= 1, got {getattr(self, key)}"
-                )
+        check_limits("[train]", self, self.LIMITS)
 
 
 @dataclass(frozen=True)
@@ -352,15 +307,14 @@ class SweepConfig:
     C: float = 1.0
     max_images: int = 5000
 
+    LIMITS: ClassVar[Limits] = {
+        "cv_folds": AT_LEAST_2,
+        "C": POSITIVE,
+        "max_images": Interval(10, None),
+    }
+
     def __post_init__(self) -> None:
-        if self.cv_folds < 2:
-            raise ConfigError(f"[sweep] cv_folds must be >= 2, got {self.cv_folds}")
-        if self.C <= 0:
-            raise ConfigError(f"[sweep] C must be > 0, got {self.C}")
-        if self.max_images < 10:
-            raise ConfigError(
-                f"[sweep] max_images must be >= 10, got {self.max_images}"
-            )
+        check_limits("[sweep]", self, self.LIMITS)
 
 
 @dataclass(frozen=True)
@@ -402,52 +356,39 @@ class FinetuneConfig:
     num_workers: int = -1
     deterministic: bool = False
 
+    LIMITS: ClassVar[Limits] = {
+        "epochs": AT_LEAST_1,
+        "init": OneOf(INITS),
+        "batch_size": AT_LEAST_1,
+        "optimizer": OneOf(OPTIMIZERS),
+        "lr": POSITIVE,
+        "layer_decay": Interval(0, 1, closed="right"),
+        "weight_decay": NOT_NEGATIVE,
+        "momentum": Interval(0, 1, closed="left"),
+        "warmup_epochs": NOT_NEGATIVE,
+        "head_epochs": NOT_NEGATIVE,
+        "label_smoothing": FRACTION,
+        "accumulate": AT_LEAST_1,
+        "clip_grad": NOT_NEGATIVE,
+        "augment": OneOf(AUGMENTS),
+        "bn_momentum": Interval(0, 1),
+        "monitor": OneOf(MONITORS),
+        "patience": NOT_NEGATIVE,
+        "lr_scaling": OneOf(LR_SCALINGS),
+        "device": DEVICE,
+        "precision": OneOf(PRECISIONS),
+        "num_workers": Interval(-1, None),
+    }
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            ("head_epochs", "epochs"),
+            lambda head, epochs: head < epochs,
+            "head_epochs must be < epochs: the last epochs train the whole network",
+        ),
+    )
+
     def __post_init__(self) -> None:
-        _check_choice("finetune", "init", self.init, ("pretrained", "scratch"))
-        _check_choice("finetune", "optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("finetune", "augment", self.augment, AUGMENTS)
-        _check_choice("finetune", "monitor", self.monitor, MONITORS)
-        _check_choice("finetune", "lr_scaling", self.lr_scaling, ("none", "linear"))
-        _check_choice("finetune", "precision", self.precision, PRECISIONS)
-        if not DEVICES.match(self.device):
-            raise ConfigError(
-                f"[finetune] device = {self.device!r} is not one of auto, cpu, "
-                "cuda, cuda:N, mps"
-            )
-        for key in ("epochs", "batch_size", "accumulate"):
-            if getattr(self, key) < 1:
-                raise ConfigError(
-                    f"[finetune] {key} must be >= 1, got {getattr(self, key)}"
-                )
-        for key in ("head_epochs", "patience"):
-            if getattr(self, key) < 0:
-                raise ConfigError(
-                    f"[finetune] {key} must be >= 0, got {getattr(self, key)}"
-                )
-        if self.head_epochs >= self.epochs:
-            raise ConfigError(
-                f"[finetune] head_epochs ({self.head_epochs}) must be < epochs "
-                f"({self.epochs}): the last epochs train the whole network"
-            )
-        if self.lr <= 0 or not 0 < self.layer_decay <= 1:
-            raise ConfigError(
-                "[finetune] lr must be > 0 and layer_decay in (0, 1], got "
-                f"lr={self.lr}, layer_decay={self.layer_decay}"
-            )
-        for key in ("weight_decay", "warmup_epochs", "clip_grad"):
-            if getattr(self, key) < 0:
-                raise ConfigError(
-                    f"[finetune] {key} must be >= 0, got {getattr(self, key)}"
-                )
-        _check_fraction("finetune", "label_smoothing", self.label_smoothing)
-        if not 0 <= self.bn_momentum <= 1:
-            raise ConfigError(
-                f"[finetune] bn_momentum must be in [0, 1], got {self.bn_momentum}"
-            )
-        if self.num_workers < -1:
-            raise ConfigError(
-                f"[finetune] num_workers must be >= -1, got {self.num_workers}"
-            )
+        check_limits("[finetune]", self, self.LIMITS, self.RULES)
 
 
 @dataclass(frozen=True)
@@ -472,24 +413,18 @@ class ExportConfig:
     atol: float = 1e-4
     rtol: float = 1e-4
 
+    LIMITS: ClassVar[Limits] = {
+        "opset": Interval(13, 21, what="an integer"),
+        "input_dtype": OneOf(INPUT_DTYPES),
+        "int8": OneOf(INT8_MODES),
+        "calibration_images": AT_LEAST_1,
+        "parity_images": AT_LEAST_1,
+        "atol": POSITIVE,
+        "rtol": NOT_NEGATIVE,
+    }
+
     def __post_init__(self) -> None:
-        if not 13 <= self.opset <= 21:
-            raise ConfigError(f"[export] opset must be in 13..21, got {self.opset}")
-        _check_choice("export", "input_dtype", self.input_dtype, ("uint8", "float32"))
-        _check_choice("export", "int8", self.int8, ("none", "static", "dynamic"))
-        if self.calibration_images < 1:
-            raise ConfigError(
-                "[export] calibration_images must be >= 1, got "
-                f"{self.calibration_images}"
-            )
-        if self.parity_images < 1:
-            raise ConfigError(
-                f"[export] parity_images must be >= 1, got {self.parity_images}"
-            )
-        if self.atol <= 0 or self.rtol < 0:
-            raise ConfigError(
-                f"[export] atol must be > 0 and rtol >= 0, got {self.atol}, {self.rtol}"
-            )
+        check_limits("[export]", self, self.LIMITS)
 
 
 @dataclass(frozen=True)
@@ -520,31 +455,22 @@ class AdviseConfig:
     pilot_share: float = 0.25
     pilot_points: int = 4
 
+    LIMITS: ClassVar[Limits] = {
+        "top_margin": FRACTION,
+        "sample": AT_LEAST_1,
+        "depths": AT_LEAST_1,
+        "statistics_images": AT_LEAST_1,
+        "small_per_class": NOT_NEGATIVE,
+        "cv_folds": AT_LEAST_2,
+        "cv_repeats": AT_LEAST_1,
+        "confidence": Interval(0.5, 1, closed="left"),
+        # A share of the full fine-tune's cost (training images processed).
+        "pilot_share": Interval(0, 1, closed="right"),
+        "pilot_points": AT_LEAST_2,
+    }
+
     def __post_init__(self) -> None:
-        for key in ("sample", "depths", "statistics_images", "cv_repeats"):
-            if getattr(self, key) < 1:
-                raise ConfigError(
-                    f"[advise] {key} must be >= 1, got {getattr(self, key)}"
-                )
-        for key in ("cv_folds", "pilot_points"):
-            if getattr(self, key) < 2:
-                raise ConfigError(
-                    f"[advise] {key} must be >= 2, got {getattr(self, key)}"
-                )
-        if self.small_per_class < 0:
-            raise ConfigError(
-                f"[advise] small_per_class must be >= 0, got {self.small_per_class}"
-            )
-        _check_fraction("advise", "top_margin", self.top_margin)
-        if not 0.5 <= self.confidence < 1:
-            raise ConfigError(
-                f"[advise] confidence must be in [0.5, 1), got {self.confidence}"
-            )
-        if not 0 < self.pilot_share <= 1:
-            raise ConfigError(
-                f"[advise] pilot_share must be in (0, 1] (a share of the full "
-                f"fine-tune's cost), got {self.pilot_share}"
-            )
+        check_limits("[advise]", self, self.LIMITS)
 
 
 @dataclass(frozen=True)
@@ -563,15 +489,16 @@ class RunConfig:
     progress: bool = True
     log_level: str = "info"
 
+    LIMITS: ClassVar[Limits] = {
+        "strategy": OneOf(tuple(STRATEGIES)),
+        "model": OneOf(MODEL_CHOICES),
+        "seed": SEED,
+        "log_level": OneOf(LOG_LEVELS),
+    }
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", str(self.strategy))
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(
-                f"[run] strategy = {self.strategy!r} is not one of {list(STRATEGIES)}"
-            )
-        _check_choice("run", "model", self.model, ("latest", *MODEL_KINDS))
-        _check_seed("run", "seed", self.seed)
-        _check_choice("run", "log_level", self.log_level, LOG_LEVELS)
+        check_limits("[run]", self, self.LIMITS)
 
     @property
     def case(self) -> int | None:
@@ -841,4 +768,8 @@ def _toml_value(value: Any) -> str:
         return f'"{escaped}"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return (
+            "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        )
     raise ConfigError(f"cannot write {value!r} as TOML")

@@ -28,7 +28,7 @@ from features.data import ImageSet
 from features.devices import PRECISION_DTYPES, resolve_device, resolve_precision
 from features.errors import DataError
 from features.heads import Scores
-from features.transforms import decode_side, eval_transform
+from features.transforms import eval_transform
 from pipeline import extract, finetune_data, plots
 from pipeline.config import Config, config_to_dict
 from pipeline.inputs import load_images
@@ -120,9 +120,7 @@ def _predict_finetuned(
         eval_transform(prep),
         prep=prep,
         seed=cfg.run.seed,
-        max_pixels=cfg.data.max_pixels,
-        background=cfg.data.background,
-        min_side=decode_side(prep),
+        decoding=cfg.data.decoding.for_input(prep),
     )
     loader = finetune_data.loader(
         dataset,

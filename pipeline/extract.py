@@ -16,15 +16,9 @@ from features.cache import (
 from features.data import ImageSet
 from features.distributed import World, join_world, leave_world, run_on_main
 from features.errors import CacheMismatchError
-from features.extractor import (
-    CodeModel,
-    ExtractResult,
-    extract_codes,
-    image_identity,
-    plan_codes,
-)
+from features.extractor import CodeModel, ExtractResult, image_identity
 from pipeline.config import Config, config_to_dict
-from pipeline.inputs import extract_options, load_backbone, load_images
+from pipeline.inputs import extract_for, load_backbone, load_images, plan_for
 from pipeline.models import CodesModel
 
 log = logging.getLogger(__name__)
@@ -78,13 +72,7 @@ def _extract(
             model.preprocessing.input_size,
             list(cfg.extract.layers),
         )
-    result = extract_codes(
-        images,
-        model,
-        options=extract_options(cfg),
-        cache_dir=cfg.cache_dir,
-        world=world,
-    )
+    result = extract_for(cfg, images, model, world=world)
     if images is not None:
         _write_summary(cfg, images, result)
         for path, reason in result.skipped:
@@ -104,7 +92,7 @@ def locate_codes(cfg: Config, explicit: Path | None = None) -> Path:
             listing every difference.
     """
     model, images = prepare(cfg)
-    plan = plan_codes(images, model, extract_options(cfg), cfg.cache_dir)
+    plan = plan_for(cfg, images, model)
     if explicit is not None:
         found = read_provenance(explicit)
         if not same_codes(plan.provenance, found):
@@ -166,8 +154,8 @@ def codes_for_model(cfg: Config, model: CodesModel, images: ImageSet) -> Path:
         return recorded
     code_model = model.code_model()
     trained = model.record["codes"]["provenance"]
-    options = replace(extract_options(cfg), views=1, dtype=trained["dtype"])
-    plan = plan_codes(images, code_model, options, cfg.cache_dir)
+    options = replace(cfg.extract, views=1, dtype=trained["dtype"])
+    plan = plan_for(cfg, images, code_model, options)
     if plan.path.exists():
         return plan.path
     compatible = find_compatible(cfg.cache_dir, plan.provenance)
@@ -178,6 +166,4 @@ def codes_for_model(cfg: Config, model: CodesModel, images: ImageSet) -> Path:
         model.layer,
         model.pooling,
     )
-    return extract_codes(
-        images, code_model, options=options, cache_dir=cfg.cache_dir
-    ).path
+    return extract_for(cfg, images, code_model, options=options).path

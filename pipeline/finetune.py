@@ -53,7 +53,7 @@ from features.devices import (
 from features.errors import CheckpointError, DataError, TrainingError
 from features.layers import layer_names
 from features.progress import progress_bar
-from features.transforms import Preprocessing, decode_side, eval_transform
+from features.transforms import Preprocessing, eval_transform
 from pipeline import checkpoint, finetune_data, plots
 from pipeline.config import Config, FinetuneConfig
 from pipeline.inputs import load_images, preprocessing_overrides
@@ -795,7 +795,7 @@ def _loaders(
     device: torch.device,
     world: Dist,
 ) -> tuple[Any, Any]:
-    ft, d = cfg.finetune, cfg.data
+    ft, decoding = cfg.finetune, cfg.data.decoding
     workers = ft.num_workers if ft.num_workers >= 0 else default_workers(device)
     train = finetune_data.split_dataset(
         images,
@@ -803,9 +803,7 @@ def _loaders(
         finetune_data.train_transform(prep, ft.augment),
         prep=prep,
         seed=cfg.run.seed,
-        max_pixels=d.max_pixels,
-        background=d.background,
-        min_side=finetune_data.train_decode_side(prep, ft.augment),
+        decoding=finetune_data.train_decoding(decoding, prep, ft.augment),
     )
     val = finetune_data.split_dataset(
         images,
@@ -813,9 +811,7 @@ def _loaders(
         eval_transform(prep),
         prep=prep,
         seed=cfg.run.seed,
-        max_pixels=d.max_pixels,
-        background=d.background,
-        min_side=decode_side(prep),
+        decoding=decoding.for_input(prep),
     )
     pin = device.type == "cuda"
     train_loader = finetune_data.loader(

@@ -17,26 +17,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from features.data import ImageSet
 from features.errors import ImageDecodeError
-from features.images import decode_image
-from features.transforms import (
-    TRAIN_CROP_SCALE,
-    Preprocessing,
-    decode_side,
-    eval_transform,
-)
+from features.settings import TRAIN_CROP_SCALE, Decoding
+from features.transforms import INTERPOLATION_MODES, Preprocessing, eval_transform
 
 log = logging.getLogger(__name__)
-
-_INTERPOLATIONS = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-}
 
 
 def train_transform(
@@ -50,7 +38,7 @@ def train_transform(
     """
     if augment == "none":
         return eval_transform(prep)
-    mode = _INTERPOLATIONS[prep.interpolation]
+    mode = INTERPOLATION_MODES[prep.interpolation]
     steps: list[Any] = [
         T.RandomResizedCrop(
             prep.input_size,
@@ -66,8 +54,8 @@ def train_transform(
     return T.Compose(steps)
 
 
-def train_decode_side(prep: Preprocessing, augment: str) -> int | None:
-    """The shorter side fast decoding keeps for `train_transform(prep, augment)`.
+def train_decoding(decoding: Decoding, prep: Preprocessing, augment: str) -> Decoding:
+    """The decode recipe for `train_transform(prep, augment)`.
 
     NOTE: random crops get a larger side than evaluation, so that even the
     smallest crop is cut from pixels at least as fine as the network's input;
@@ -75,8 +63,8 @@ def train_decode_side(prep: Preprocessing, augment: str) -> int | None:
     export and `quadrant predict` do.
     """
     if augment == "none":
-        return decode_side(prep)
-    return decode_side(prep, crop_scale=TRAIN_CROP_SCALE)
+        return decoding.for_input(prep)
+    return decoding.for_input(prep, crop_scale=TRAIN_CROP_SCALE)
 
 
 Item = tuple[torch.Tensor, int, int, bool]
@@ -93,18 +81,14 @@ class LabelledImages(Dataset[Item]):
         *,
         size: int,
         seed: int,
-        max_pixels: int,
-        background: tuple[int, ...],
-        min_side: int | None = None,
+        decoding: Decoding,
     ) -> None:
         self.files = list(files)
         self.labels = list(labels)
         self.transform = transform
         self.size = size
         self.seed = seed
-        self.max_pixels = max_pixels
-        self.background = background
-        self.min_side = min_side
+        self.decoding = decoding
         self.epoch = 0  # set before each epoch: part of every sample's seed
 
     def __len__(self) -> int:
@@ -112,12 +96,7 @@ class LabelledImages(Dataset[Item]):
 
     def __getitem__(self, index: int) -> Item:
         try:
-            image = decode_image(
-                self.files[index],
-                max_pixels=self.max_pixels,
-                background=self.background,
-                min_side=self.min_side,
-            )
+            image = self.decoding.open(self.files[index])
         except ImageDecodeError as err:
             log.warning("skipping %s", err)
             blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
@@ -157,11 +136,9 @@ def split_dataset(
     *,
     prep: Preprocessing,
     seed: int,
-    max_pixels: int,
-    background: tuple[int, ...],
-    min_side: int | None = None,
+    decoding: Decoding,
 ) -> LabelledImages:
-    """The labelled images of one split (`min_side`: see `decode_image`)."""
+    """The labelled images of one split, decoded as `decoding` says."""
     records = [r for r in images.records if r.split == split]
     return LabelledImages(
         [images.absolute(r) for r in records],
@@ -169,9 +146,7 @@ def split_dataset(
         transform,
         size=prep.input_size,
         seed=seed,
-        max_pixels=max_pixels,
-        background=background,
-        min_side=min_side,
+        decoding=decoding,
     )
 
 

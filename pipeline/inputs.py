@@ -15,10 +15,17 @@ import numpy.typing as npt
 
 from features.backbones import Backbone, build_backbone
 from features.data import ImageSet, discover
+from features.distributed import World
 from features.errors import DataError, ImageDecodeError
-from features.extractor import ExtractOptions
-from features.images import decode_image
-from features.transforms import Preprocessing, decode_side, eval_transform
+from features.extractor import (
+    CodeModel,
+    CodePlan,
+    ExtractResult,
+    extract_codes,
+    plan_codes,
+)
+from features.settings import ExtractOptions
+from features.transforms import Preprocessing, eval_transform
 from pipeline.config import Config
 
 
@@ -75,16 +82,11 @@ def decode_pixels(
         DataError: not one of `files` is readable.
     """
     transform = eval_transform(prep)
-    side = decode_side(prep)
+    decoding = cfg.data.decoding.for_input(prep)
     batch, kept = [], []
     for i, file in enumerate(files):
         try:
-            image = decode_image(
-                file,
-                max_pixels=cfg.data.max_pixels,
-                background=cfg.data.background,
-                min_side=side,
-            )
+            image = decoding.open(file)
         except ImageDecodeError:
             continue
         batch.append(transform(image).numpy())
@@ -97,24 +99,42 @@ def decode_pixels(
     return np.stack(batch), kept
 
 
-def extract_options(cfg: Config) -> ExtractOptions:
-    """The `[extract]` table plus the decoding and seed settings it depends on."""
-    e = cfg.extract
-    return ExtractOptions(
-        batch_size=e.batch_size,
-        device=e.device,
-        precision=e.precision,
-        channels_last=e.channels_last,
-        num_workers=e.num_workers,
-        dtype=e.dtype,
-        compression=e.compression,
-        views=e.views,
-        shard_size=e.shard_size,
+def plan_for(
+    cfg: Config,
+    images: ImageSet,
+    model: CodeModel,
+    options: ExtractOptions | None = None,
+) -> CodePlan:
+    """Where `extract_for` keeps these codes, and their key (no compute)."""
+    return plan_codes(
+        images,
+        model,
+        options or cfg.extract,
+        cfg.cache_dir,
+        decoding=cfg.data.decoding,
         seed=cfg.run.seed,
-        background=cfg.data.background,
-        max_pixels=cfg.data.max_pixels,
+    )
+
+
+def extract_for(
+    cfg: Config,
+    images: ImageSet | None,
+    model: CodeModel,
+    *,
+    options: ExtractOptions | None = None,
+    world: World | None = None,
+) -> ExtractResult:
+    """`extract_codes` with the configured options, decode recipe, seed, cache.
+
+    `options` replaces `[extract]` (the same class, e.g. with other views).
+    """
+    return extract_codes(
+        images,
+        model,
+        options=options or cfg.extract,
+        cache_dir=cfg.cache_dir,
+        decoding=cfg.data.decoding,
+        seed=cfg.run.seed,
         progress=cfg.run.progress,
-        engine=e.engine,
-        decoder=e.decoder,
-        threads=e.threads,
+        world=world,
     )

@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-MODEL_KINDS = ("codes", "finetune")
+from features.names import MODEL_KINDS
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,11 @@ from features.backbones.registry import is_weights_path
 from features.errors import CacheMismatchError, StageInputError
 from features.extractor import CodeModel
 from features.heads import Scores, head_scores, load_head
+from features.names import MODEL_KINDS
 from features.transforms import Normalize, Preprocessing
 from pipeline import __version__
 from pipeline.config import Config, config_to_dict
-from pipeline.layout import MODEL_KINDS, ModelFiles, RunLayout
+from pipeline.layout import ModelFiles, RunLayout
 
 log = logging.getLogger(__name__)
 

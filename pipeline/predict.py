@@ -23,11 +23,12 @@ import numpy as np
 import numpy.typing as npt
 
 from features.atomic import atomic_open, check_output_file
-from features.errors import ImageDecodeError, StageInputError
-from features.images import DECODE_MODES, decode_image
+from features.errors import ConfigError, ImageDecodeError, StageInputError
+from features.names import DECODE_MODES
 from features.onnx_engine import session
 from features.progress import progress_bar
-from features.transforms import Preprocessing, decode_side, eval_transform
+from features.settings import Decoding
+from features.transforms import Preprocessing, eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class _Model:
     session: Any
     label_names: tuple[str, ...]
     prep: Preprocessing
+    decoding: Decoding
     input_dtype: str
 
 
@@ -69,9 +71,6 @@ def run(
     loaded = _load(model, device)
     files = list(_gather(paths))
     transform = eval_transform(loaded.prep)
-    # NOTE: the model's metadata says how its training pixels were decoded
-    # (models exported before fast decoding existed say nothing: "full").
-    side = decode_side(loaded.prep)
     failed = 0
     with (
         atomic_open(out, "w", newline="") as handle,
@@ -82,7 +81,9 @@ def run(
         writer.writerow(["path", "label", "score", "top_k", "error"])
         for start in range(0, len(files), batch_size):
             batch = files[start : start + batch_size]
-            decoded = list(pool.map(lambda f: _prepare(f, transform, side), batch))
+            decoded = list(
+                pool.map(lambda f: _prepare(f, transform, loaded.decoding), batch)
+            )
             failed += _write_batch(writer, loaded, batch, decoded, top_k)
             bar.update(len(batch))
     provider = loaded.session.get_providers()[0]
@@ -105,13 +106,18 @@ def _load(model: Path, device: str) -> _Model:
             "it with `quadrant export`"
         )
     prep = Preprocessing().updated(json.loads(props["preprocessing"]))
-    if prep.decode not in DECODE_MODES:
+    # NOTE: the model's metadata says how its training pixels were decoded
+    # (models exported before fast decoding existed say nothing: "full").
+    try:
+        decoding = Decoding().for_input(prep)
+    except ConfigError:
         raise StageInputError(
             f"{model} asks for decoding {prep.decode!r}, which this quadrant does "
             f"not know ({list(DECODE_MODES)}); upgrade quadrant"
-        )
+        ) from None
     dtype = json.loads(props.get("input", "{}")).get("dtype", "uint8")
-    return _Model(sess, tuple(json.loads(props["label_names"])), prep, dtype)
+    labels = tuple(json.loads(props["label_names"]))
+    return _Model(sess, labels, prep, decoding, dtype)
 
 
 def _gather(paths: Sequence[Path]) -> Iterator[Path]:
@@ -138,10 +144,10 @@ def _csv_paths(path: Path) -> Iterator[Path]:
 
 
 def _prepare(
-    file: Path, transform: Any, min_side: int | None
+    file: Path, transform: Any, decoding: Decoding
 ) -> npt.NDArray[np.uint8] | str:
     try:
-        return np.asarray(transform(decode_image(file, min_side=min_side)).numpy())
+        return np.asarray(transform(decoding.open(file)).numpy())
     except ImageDecodeError as err:
         return str(err).removeprefix(f"{file}: ")
 

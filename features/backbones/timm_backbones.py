@@ -37,6 +37,7 @@ import torch
 from torch import fx, nn
 
 from features.errors import BackboneError, WeightsNotFoundError
+from features.names import INTERPOLATIONS
 from features.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ _SAFE_TWINS = {
     "pytorch_model.bin": "model.safetensors",
     "open_clip_pytorch_model.bin": "open_clip_model.safetensors",
 }
-_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 _DEFAULT_CROP_PCT = 0.875
 _DATA_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
 
@@ -156,7 +156,7 @@ def preprocessing(name: str) -> Preprocessing:
     size = int(data["input_size"][-1])
     crop_pct = float(data.get("crop_pct") or _DEFAULT_CROP_PCT)
     interpolation = str(data.get("interpolation", "bicubic"))
-    if interpolation not in _INTERPOLATIONS:
+    if interpolation not in INTERPOLATIONS:
         log.warning("%s: interpolation %r read as bicubic", name, interpolation)
         interpolation = "bicubic"
     if data.get("crop_mode", "center") != "center":

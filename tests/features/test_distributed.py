@@ -216,6 +216,7 @@ def test_rank_0_alone_exports_the_onnxruntime_engine(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from features import extractor
+    from features.settings import ExtractOptions
 
     exported: list[Path] = []
 
@@ -234,7 +235,7 @@ def test_rank_0_alone_exports_the_onnxruntime_engine(
     cpu = torch.device("cpu")
 
     def engine(world: World, name: str = "onnxruntime") -> Path | None:
-        options = extractor.ExtractOptions(engine=name)
+        options = ExtractOptions(engine=name)
         return extractor._engine_file(model, store, options, cpu, "fp32", world)  # type: ignore[arg-type]
 
     # Rank 1 hears that rank 0 is done and waits for the file to be visible.

@@ -321,9 +321,10 @@ def test_fast_decoding_codes_match_full_decoding_on_a_real_photo(
     import torch
 
     from features.backbones import build_backbone
-    from features.extractor import CodeModel, CodeRunner, ExtractOptions
+    from features.extractor import CodeModel, CodeRunner
     from features.images import decode_image
-    from features.transforms import decode_side, eval_transform
+    from features.settings import ExtractOptions, decode_side
+    from features.transforms import eval_transform
 
     backbone = build_backbone(
         "efficientnet_lite0", "default", preprocessing={"decode": "fast"}
@@ -354,9 +355,10 @@ def test_extract_fast_decodes_rotated_and_cmyk_photos_and_reports_truncated(
     """Each JPEG kind takes its path on the CPU, with the codes of that path."""
     import torch
 
-    from features.extractor import CodeModel, CodeRunner, ExtractOptions
+    from features.extractor import CodeModel, CodeRunner
     from features.images import decode_image
-    from features.transforms import decode_side, eval_transform
+    from features.settings import ExtractOptions, decode_side
+    from features.transforms import eval_transform
     from pipeline.inputs import load_backbone
 
     root = tmp_path / "photos"

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 
 from features.cache import ImageTable
 from features.errors import ConfigError, ImageDecodeError
-from features.extractor import ExtractOptions, _RowDataset
+from features.extractor import _RowDataset
 from features.gpu_decode import (
     GpuJpegDecoder,
     fast_reduce,
@@ -26,7 +26,8 @@ from features.gpu_decode import (
     resolve_decoder,
 )
 from features.images import decode_image, read_plain_jpeg
-from features.transforms import Preprocessing, decode_side, eval_transform
+from features.settings import Decoding, decode_side
+from features.transforms import Preprocessing, eval_transform
 from tests.conftest import write_photo
 
 PREP = Preprocessing(input_size=224, resize_size=256, decode="fast")
@@ -104,7 +105,7 @@ def _dataset(files: list[Path]) -> _RowDataset:
         row_image=np.arange(n, dtype=np.int64),
         row_view=np.zeros(n, dtype=np.int16),
     )
-    return _RowDataset(files, table, PREP, ExtractOptions(), gpu_jpeg=True)
+    return _RowDataset(files, table, PREP, Decoding(), gpu_jpeg=True)
 
 
 def test_only_complete_baseline_jpegs_travel_to_the_gpu(
@@ -173,14 +174,6 @@ def test_resolve_decoder_on_a_cpu_machine() -> None:
         resolve_decoder("nvjpeg", cpu)
     with pytest.raises(ConfigError, match="not one of"):
         resolve_decoder("turbo", cpu)
-
-
-def test_config_lists_the_same_decoders_and_engines() -> None:
-    from features.extractor import ENGINES
-    from features.gpu_decode import DECODERS
-    from pipeline import config
-
-    assert config.DECODERS == DECODERS and config.ENGINES == ENGINES
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no cuda device")

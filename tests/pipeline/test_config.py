@@ -197,3 +197,38 @@ def test_config_without_a_timm_backbone_never_imports_timm(
 
     monkeypatch.setitem(sys.modules, "timm", None)  # any `import timm` fails
     assert load_config(None, ["backbone.name=resnet18"]).backbone.name == "resnet18"
+
+
+def _every_key() -> list[tuple[str, str, object]]:
+    """(section, key, bad value) for every key: a wrong type, and for a key
+    with a declared limit also the value that limit refuses."""
+    from dataclasses import fields
+
+    from pipeline.config import SECTIONS
+
+    cases: list[tuple[str, str, object]] = []
+    for section, cls in SECTIONS.items():
+        limits = getattr(cls, "LIMITS", {})
+        for f in fields(cls):
+            cases.append((section, f.name, {"x": 1}))  # no key takes a table
+            if f.name in limits:
+                cases.append((section, f.name, limits[f.name].invalid()))
+    return cases
+
+
+@pytest.mark.parametrize("section, key, value", _every_key())
+def test_every_key_of_every_section_refuses_a_bad_value(
+    tmp_path: Path, section: str, key: str, value: object
+) -> None:
+    if isinstance(value, dict):
+        text = f"[{section}]\n{key} = {{x = 1}}\n"
+    else:
+        shown = list(value) if isinstance(value, tuple) else value
+        text = dump_toml({section: {key: shown}})
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert message.startswith(f"[{section}] {key}"), message
+    bad = value if not isinstance(value, tuple) else value[0]
+    assert repr(bad) in message or str(bad) in message, message

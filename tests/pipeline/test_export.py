@@ -378,14 +378,15 @@ def test_predict_refuses_an_unknown_decoding(tmp_path: Path) -> None:
 
 def test_predict_prepares_photos_with_the_models_decoding(tmp_path: Path) -> None:
     from features.images import decode_image
+    from features.settings import Decoding
     from features.transforms import Preprocessing, eval_transform
     from tests.conftest import write_photo
 
     photo = write_photo(tmp_path / "cat.jpg", (1600, 1200))
     prep = Preprocessing(input_size=32, resize_size=36)
     transform = eval_transform(prep)
-    fast = predict._prepare(photo, transform, 36)
-    full = predict._prepare(photo, transform, None)
+    fast = predict._prepare(photo, transform, Decoding(side=36))
+    full = predict._prepare(photo, transform, Decoding(decode="full"))
     assert isinstance(fast, np.ndarray) and isinstance(full, np.ndarray)
     expected = transform(decode_image(photo, min_side=36)).numpy()
     np.testing.assert_array_equal(fast, expected)

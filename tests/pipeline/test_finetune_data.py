@@ -7,18 +7,24 @@ from pathlib import Path
 
 import pytest
 
-from features.transforms import TRAIN_CROP_SCALE, Preprocessing
+from features import settings
+from features.settings import TRAIN_CROP_SCALE, Decoding
+from features.transforms import Preprocessing
 from pipeline import finetune_data
 from tests.conftest import write_photo
 
 FAST = Preprocessing(input_size=224, resize_size=256, decode="fast")
 
 
+def train_side(prep: Preprocessing, augment: str) -> int | None:
+    return finetune_data.train_decoding(Decoding(), prep, augment).side
+
+
 def test_train_decode_side_keeps_random_crops_at_full_detail() -> None:
-    side = finetune_data.train_decode_side(FAST, "standard")
+    side = train_side(FAST, "standard")
     assert side == math.ceil(224 / math.sqrt(TRAIN_CROP_SCALE[0] * 3 / 4))
-    assert finetune_data.train_decode_side(FAST, "none") == 512  # evaluation's
-    assert finetune_data.train_decode_side(Preprocessing(), "standard") is None
+    assert train_side(FAST, "none") == 512  # evaluation's
+    assert train_side(Preprocessing(), "standard") is None
 
 
 def test_labelled_images_decode_with_their_side(
@@ -26,22 +32,22 @@ def test_labelled_images_decode_with_their_side(
 ) -> None:
     photo = write_photo(tmp_path / "cat.jpg", (1600, 1200))
     seen: list[object] = []
-    real = finetune_data.decode_image
+    real = settings.decode_image
 
     def spy(path: Path, **kwargs: object) -> object:
         seen.append(kwargs["min_side"])
         return real(path, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(finetune_data, "decode_image", spy)
+    monkeypatch.setattr(settings, "decode_image", spy)
     dataset = finetune_data.LabelledImages(
         [photo],
         [0],
         finetune_data.train_transform(FAST, "standard"),
         size=224,
         seed=0,
-        max_pixels=10**8,
-        background=(255, 255, 255),
-        min_side=finetune_data.train_decode_side(FAST, "standard"),
+        decoding=finetune_data.train_decoding(
+            Decoding(max_pixels=10**8), FAST, "standard"
+        ),
     )
     image, label, _, ok = dataset[0]
     assert ok and label == 0 and tuple(image.shape) == (3, 224, 224)

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from features.images import decode_image
-from features.transforms import decode_side, eval_transform
+from features.settings import decode_side
+from features.transforms import eval_transform
 from pipeline import inputs
 from pipeline.config import Config
 from tests.conftest import write_photo
