@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from features.errors import OutputError
+from features.errors import OutputError, RecordError, StageInputError
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,47 @@ def write_text(path: Path, text: str) -> Path:
 def write_json(path: Path, data: Any) -> Path:
     """Write `data` as indented JSON (non-JSON values as strings) atomically."""
     return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_json(path: Path, *, fix: str = "") -> Any:
+    """The data of a JSON record `write_json` wrote, read back whole.
+
+    Args:
+        path: the record.
+        fix: how the user gets a good record back (the command that writes
+            it), added to either error.
+
+    Raises:
+        StageInputError: the record is missing.
+        RecordError: it is not readable JSON (changed since quadrant wrote it).
+    """
+    path = Path(path)
+    hint = f"; {fix}" if fix else ""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise StageInputError(f"{path} not found{hint}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecordError(f"{path} cannot be read ({err}){hint}") from None
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise RecordError(
+            f"{path} is not valid JSON ({err}): it changed since quadrant wrote "
+            f"it{hint}"
+        ) from None
+
+
+def read_optional_json(path: Path, *, fix: str = "") -> Any:
+    """`read_json`, or None when the record does not exist (yet).
+
+    Raises:
+        RecordError: it exists but is not readable JSON.
+    """
+    try:
+        return read_json(path, fix=fix)
+    except StageInputError:
+        return None
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:

@@ -60,12 +60,14 @@ from features.atomic import (
     atomic_path,
     make_folder,
     output_error,
+    read_optional_json,
     write_text,
 )
 from features.errors import (
     CacheCorruptError,
     CacheLockedError,
     CacheMismatchError,
+    RecordError,
     StageInputError,
 )
 
@@ -214,9 +216,9 @@ class ShardStore:
 
     def _read_manifest(self) -> Any:
         try:
-            return json.loads((self.parts / "manifest.json").read_text())
-        except (OSError, ValueError):
-            return None
+            return read_optional_json(self.parts / "manifest.json")
+        except RecordError:
+            return None  # a damaged manifest describes no shard: they are redone
 
     def _open_manifest(self) -> None:
         wanted = json.loads(json.dumps(self._manifest()))  # tuples as lists

@@ -69,6 +69,10 @@ class ExportParityError(PipelineError):
     """An exported model disagrees with the model it was exported from."""
 
 
+class RecordError(PipelineError, ValueError):
+    """A JSON record quadrant wrote (advice.json, model.json ...) is unreadable."""
+
+
 class CheckpointError(PipelineError, ValueError):
     """A training checkpoint is missing, foreign or does not fit the config."""
 

@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from features.atomic import atomic_path, write_json
+from features.atomic import atomic_path, read_json, write_json
 from features.data import ImageSet
 from features.errors import DataError, ExportParityError
 from features.onnx_engine import check_parity, session
@@ -407,7 +407,7 @@ def _to_int8_static(path: Path, out: Path, calibration: npt.NDArray[np.uint8]) -
 
 def load_result(summary: Path) -> ExportResult:
     """The ExportResult recorded in an export.json."""
-    data = json.loads(summary.read_text())
+    data = read_json(summary, fix="run `quadrant export` again")
     parity = data["parity"]
     variants = {
         k: Variant(Path(v["path"]), v["accuracy"], v["fp32_accuracy"], v["size_bytes"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import json
 import time
 from importlib.resources import files as package_files
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import jinja2
 
-from features.atomic import write_text
+from features.atomic import read_optional_json, write_text
 from features.data import SPLITS, ImageSet
 from pipeline import __version__, plots
 from pipeline.advise import CASES
@@ -102,7 +101,7 @@ def _environment() -> jinja2.Environment:
 
 
 def _json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_optional_json(path, fix="run the command that writes it again")
 
 
 def _png(path: Path) -> str | None:

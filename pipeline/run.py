@@ -140,7 +140,7 @@ def _codes_path(
     if result.reused:
         reused.append("codes")
     key = read_info(result.path).key
-    if stamp_of(cfg.layout.sweep_json) == sweep.sweep_stamp(cfg, key):
+    if sweep.is_fresh(cfg, key):
         reused.append("sweep")
     else:
         _timed(timings, "sweep", lambda: sweep.run(cfg))

@@ -35,7 +35,6 @@ Each pilot is recorded with a stamp (`pilot.json` in its folder under
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -45,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from features.atomic import write_json
+from features.atomic import read_json, write_json
 from features.codes import Codes, load_codes
 from features.data import ImageSet
 from features.errors import DataError
@@ -345,7 +344,7 @@ def run_pilot(cfg: Config, init: str) -> finetune.PilotRun:
     record = pcfg.layout.pilot_record
     wanted = pilot_stamp(pcfg)
     if stamp_of(record) == wanted:
-        saved = json.loads(record.read_text())
+        saved = read_json(record, fix="delete it: the pilot runs again")
         run = _pilot_run(saved["pilot"])
         if not run.resumable or pcfg.layout.checkpoint.exists():
             log.info("advise: pilot (%s init) reused from %s", init, record)

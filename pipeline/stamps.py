@@ -12,6 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from features.atomic import read_optional_json
+from features.errors import RecordError
+
 
 def stamp(*parts: Any) -> str:
     """sha256 of the canonical JSON of `parts` (non-JSON values as strings)."""
@@ -20,9 +23,14 @@ def stamp(*parts: Any) -> str:
 
 
 def stamp_of(record: Path) -> str | None:
-    """The stamp kept in a JSON record, or None when there is none to read."""
+    """The stamp kept in a JSON record, or None when there is none to read.
+
+    NOTE: an unreadable record has no stamp: the artefact is made again, which
+    replaces the record, rather than stopping the run.
+    """
     try:
-        value = json.loads(Path(record).read_text()).get("stamp")
-    except (OSError, ValueError, AttributeError):
+        data = read_optional_json(record)
+    except RecordError:
         return None
+    value = data.get("stamp") if isinstance(data, dict) else None
     return None if value is None else str(value)

@@ -8,7 +8,6 @@ a plot of accuracy against depth and the best layer (with its margin over
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -17,14 +16,14 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from features.atomic import write_csv, write_json
+from features.atomic import read_json, write_csv, write_json
 from features.cache import read_info
 from features.codes import Codes, available_codes, check_finite, load_codes
 from features.layers import TOP
 from features.probes import ProbeResult, linear_probe, logme
 from pipeline import extract, plots
 from pipeline.config import Config, config_to_dict
-from pipeline.stamps import stamp
+from pipeline.stamps import stamp, stamp_of
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +166,19 @@ def _write(cfg: Config, result: SweepResult) -> None:
     write_json(layout.sweep_json, summary)  # last: the record of a finished sweep
 
 
+def is_fresh(cfg: Config, cache_key: str) -> bool:
+    """Whether sweep.json is the sweep of these codes with these settings.
+
+    The one freshness rule: `quadrant run` reuses the sweep, and `best_layer`
+    reads its pick, only when its stamp is the one a sweep would make now.
+    """
+    return stamp_of(cfg.layout.sweep_json) == sweep_stamp(cfg, cache_key)
+
+
 def best_layer(cfg: Config, cache: Path) -> tuple[str, str]:
     """The (layer, pooling) the sweep ranks first, sweeping if needed."""
-    file = cfg.layout.sweep_json
-    key = read_info(cache).key
-    if file.is_file():
-        saved = json.loads(file.read_text())
-        if saved.get("key") == key:
-            return saved["best"]["layer"], saved["best"]["pooling"]
+    if is_fresh(cfg, read_info(cache).key):
+        saved = read_json(cfg.layout.sweep_json, fix="run `quadrant sweep` again")
+        return saved["best"]["layer"], saved["best"]["pooling"]
     best = run(cfg).best
     return best.layer, best.pooling
