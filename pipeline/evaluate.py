@@ -29,8 +29,9 @@ from features.devices import PRECISION_DTYPES, resolve_device, resolve_precision
 from features.errors import DataError
 from features.heads import Scores
 from features.transforms import eval_transform
-from pipeline import extract, finetune_data, plots
+from pipeline import extract, plots
 from pipeline.config import Config, config_to_dict
+from pipeline.finetune import data as finetune_data
 from pipeline.inputs import load_images
 from pipeline.layout import ModelFiles
 from pipeline.models import (

@@ -23,6 +23,7 @@ from features.probes import (
 )
 from pipeline import advise, finetune, sizing
 from pipeline.config import Config, load_config
+from pipeline.finetune.loop import Trainer
 from tests.conftest import TINY, write_digits_subset, write_png
 
 DOMAIN = DomainStatistics(0.1, (0.1,), 0.9, 0.2, 3.0, 10)
@@ -350,14 +351,14 @@ def piloted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "data.val_fraction=0.2",
     )
     seen: list[int] = []
-    real = finetune._step
+    real = Trainer._step
 
     def step(t, images, labels, criterion, *, sync):  # type: ignore[no-untyped-def]
         seen.append(len(labels))
         return real(t, images, labels, criterion, sync=sync)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(finetune, "_step", step)
+        patch.setattr(Trainer, "_step", step)
         advice = advise.run(cfg)
     return {"cfg": cfg, "advice": advice, "seen": seen, "root": root}
 

@@ -79,7 +79,7 @@ def test_codes_path_export_matches_the_head(
 def test_finetuned_export_matches_the_network(
     tmp_path: Path, image_folder: Path
 ) -> None:
-    from tests.pipeline.test_finetune import config
+    from tests.pipeline.finetune.conftest import config
 
     cfg = config(
         image_folder,
@@ -159,7 +159,7 @@ def test_timm_backbones_from_extraction_to_a_checked_export(
 def test_finetuned_timm_vit_exports_attention_and_all(
     tmp_path: Path, image_folder: Path
 ) -> None:
-    from tests.pipeline.test_finetune import config
+    from tests.pipeline.finetune.conftest import config
 
     cfg = config(
         image_folder,

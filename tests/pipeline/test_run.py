@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import advise, finetune
+from pipeline import advise
 from pipeline import run as run_stage
 from pipeline.config import Config, load_config
+from pipeline.finetune.loop import Trainer
 from tests.conftest import TINY, write_png
 
 
@@ -98,9 +99,9 @@ def test_the_fine_tune_continues_the_advisors_pilot(
         settings={"path": "finetune", "finetune.init": "pretrained", "note": ""},
     )
     epochs: list[int] = []
-    real = finetune.train_one_epoch
+    real = Trainer.train_one_epoch
     monkeypatch.setattr(
-        finetune,
+        Trainer,
         "train_one_epoch",
         lambda t, **k: epochs.append(t.epoch) or real(t, **k),
     )

@@ -1,7 +1,8 @@
-"""Tests for pipeline/finetune_data.py: fast decoding of training images."""
+"""Tests for pipeline/finetune/data.py: fast decoding of training images."""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import pytest
 from features import settings
 from features.settings import TRAIN_CROP_SCALE, Decoding
 from features.transforms import Preprocessing
-from pipeline import finetune_data
+from pipeline import finetune
+from pipeline.finetune import data as finetune_data
 from tests.conftest import write_photo
+from tests.pipeline.finetune.conftest import config, write_classes
 
 FAST = Preprocessing(input_size=224, resize_size=256, decode="fast")
 
@@ -52,3 +55,13 @@ def test_labelled_images_decode_with_their_side(
     image, label, _, ok = dataset[0]
     assert ok and label == 0 and tuple(image.shape) == (3, 224, 224)
     assert seen == [915]
+
+
+def test_dropping_the_last_partial_batch_is_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = write_classes(tmp_path / "data")
+    cfg = config(root, tmp_path / "run", "finetune.batch_size=5", "finetune.epochs=1")
+    with caplog.at_level(logging.INFO):
+        finetune.run(cfg)
+    assert "each epoch trains on 15 of the 18 training images" in caplog.text

@@ -20,9 +20,11 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms import v2 as T
 
 from features.data import ImageSet
+from features.devices import default_workers
 from features.errors import ImageDecodeError
 from features.settings import TRAIN_CROP_SCALE, Decoding
 from features.transforms import INTERPOLATION_MODES, Preprocessing, eval_transform
+from pipeline.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -202,3 +204,65 @@ def loader(
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )
+
+
+def loaders(
+    cfg: Config,
+    images: ImageSet,
+    prep: Preprocessing,
+    device: torch.device,
+    *,
+    rank: int = 0,
+    world: int = 1,
+) -> tuple[DataLoader[Any], DataLoader[Any]]:
+    """The training loader (this rank's share, augmented) and the validation one."""
+    ft, decoding = cfg.finetune, cfg.data.decoding
+    workers = ft.num_workers if ft.num_workers >= 0 else default_workers(device)
+    train = split_dataset(
+        images,
+        "train",
+        train_transform(prep, ft.augment),
+        prep=prep,
+        seed=cfg.run.seed,
+        decoding=train_decoding(decoding, prep, ft.augment),
+    )
+    val = split_dataset(
+        images,
+        "val",
+        eval_transform(prep),
+        prep=prep,
+        seed=cfg.run.seed,
+        decoding=decoding.for_input(prep),
+    )
+    pin = device.type == "cuda"
+    train_loader = loader(
+        train,
+        batch_size=ft.batch_size,
+        train=True,
+        workers=workers,
+        pin_memory=pin,
+        seed=cfg.run.seed,
+        world=world,
+        rank=rank,
+    )
+    _say_what_is_dropped(len(train_loader) * ft.batch_size * world, len(train), rank)
+    val_loader = loader(
+        val,
+        batch_size=ft.batch_size,
+        train=False,
+        workers=workers,
+        pin_memory=pin,
+        seed=cfg.run.seed,
+    )
+    return train_loader, val_loader
+
+
+def _say_what_is_dropped(used: int, available: int, rank: int) -> None:
+    if rank == 0 and used < available:
+        log.info(
+            "each epoch trains on %d of the %d training images: the last partial "
+            "batch is dropped (a different one each epoch, as the order is "
+            "reshuffled)",
+            used,
+            available,
+        )

@@ -1,0 +1,23 @@
+"""The fine-tune path (cases 3 and 4): train the whole network with a new head.
+
+- `stage`: the stage (`run`: prepare, fit, publish), the model with its new
+  head, the model stamp.
+- `loop`: the training loop alone (`Trainer`).
+- `optim`: parameter groups, the optimiser and its schedule.
+- `checkpoints`: checkpoints, best-model tracking, early stopping, history.
+- `pilot`: the advisor's budgeted pilot fine-tune.
+- `data`: datasets, augmentation and loaders.
+"""
+
+from pipeline.finetune.pilot import PilotRun, pilot, pilot_budget
+from pipeline.finetune.stage import FinetuneResult, build_model, model_stamp, run
+
+__all__ = [
+    "FinetuneResult",
+    "PilotRun",
+    "build_model",
+    "model_stamp",
+    "pilot",
+    "pilot_budget",
+    "run",
+]
