@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from features.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist  # noqa: E402
 from features.layers import TOP  # noqa: E402
-from pipeline import evaluate, finetune, sweep, train  # noqa: E402
+from pipeline import advisor, evaluate, finetune, sweep, train  # noqa: E402
 from pipeline import run as run_stage  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 
@@ -327,7 +327,7 @@ def run_auto(cfg: Config) -> dict[str, Any]:
         "bn_shift": advice.domain.bn_shift,
         "confidence": advice.domain.confidence,
         "resumed_pilot": bool(pilot and result.case >= 3 and pilot.resumable),
-        "reasons": advice.reasons(),
+        "reasons": advisor.explain(advice),
     }
 
 

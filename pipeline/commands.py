@@ -159,11 +159,11 @@ def predict(
 
 def advise(cfg: Config) -> int:
     """`quadrant advise`."""
-    from pipeline import advise as advise_stage
+    from pipeline import advisor
 
     with run_log(cfg, "advise"):
-        advice = advise_stage.run(cfg)
-    print("\n".join(advise_stage.summary_lines(advice)))
+        advice = advisor.run(cfg)
+    print("\n".join(advisor.summary_lines(advice)))
     print(f"advice: {cfg.layout.advice}")
     return 0
 
@@ -179,10 +179,10 @@ def run(cfg: Config, *, predict_paths: Sequence[Path] = ()) -> int:
 
 
 def _print_run(cfg: Config, result: Any) -> None:
-    from pipeline import advise as advise_stage
+    from pipeline import advisor
 
     if result.advice is not None:
-        print("\n".join(advise_stage.summary_lines(result.advice)))
+        print("\n".join(advisor.summary_lines(result.advice)))
     else:
         print(f"case {result.case} (run.strategy = {cfg.run.strategy!r})")
     print("\n".join(evaluate_stage.summary_lines(result.evaluation)))

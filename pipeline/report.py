@@ -24,7 +24,7 @@ import jinja2
 from features.atomic import read_optional_json, write_text
 from features.data import SPLITS, ImageSet
 from pipeline import __version__, plots
-from pipeline.advise import CASES
+from pipeline.advisor.record import CASES
 from pipeline.config import Config, config_to_dict, dump_toml
 from pipeline.inputs import load_images
 from pipeline.layout import ModelFiles

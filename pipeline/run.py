@@ -24,7 +24,16 @@ from typing import TypeVar
 from features.atomic import staged_folder, write_json
 from features.cache import read_info
 from features.layers import TOP
-from pipeline import advise, evaluate, export, extract, finetune, predict, report, sweep
+from pipeline import (
+    advisor,
+    evaluate,
+    export,
+    extract,
+    finetune,
+    predict,
+    report,
+    sweep,
+)
 from pipeline import train as train_stage
 from pipeline.config import Config
 from pipeline.inputs import load_backbone, load_images
@@ -41,7 +50,7 @@ class RunResult:
     """What the run did, stage by stage."""
 
     case: int
-    advice: advise.Advice | None
+    advice: advisor.Advice | None
     model: ModelFiles
     evaluation: evaluate.EvalResult
     export: export.ExportResult
@@ -58,7 +67,7 @@ def run(cfg: Config, *, predict_paths: Sequence[Path] = ()) -> RunResult:
     advice = None
     case = cfg.run.case
     if case is None:
-        advice = _timed(timings, "advise", lambda: advise.run(cfg))
+        advice = _timed(timings, "advise", lambda: advisor.run(cfg))
         case = advice.case
     else:
         log.info("case %d (run.strategy = %r)", case, cfg.run.strategy)
@@ -114,7 +123,7 @@ def _timed(timings: dict[str, float], name: str, work: Callable[[], T]) -> T:
 def _codes_path(
     cfg: Config,
     case: int,
-    advice: advise.Advice | None,
+    advice: advisor.Advice | None,
     timings: dict[str, float],
     reused: list[str],
 ) -> Config:
@@ -123,7 +132,7 @@ def _codes_path(
     The advised layer when there is advice; else top (case 1) or the sweep's
     best (case 2).
     """
-    layers = advise.codes_layers(cfg, load_backbone(cfg))
+    layers = advisor.codes_layers(cfg, load_backbone(cfg))
     train = replace(cfg.train, layer=TOP if case == 1 else "best")
     if advice is not None:
         settings = advice.settings
@@ -160,7 +169,7 @@ def _codes_path(
 def _finetune_path(
     cfg: Config,
     case: int,
-    advice: advise.Advice | None,
+    advice: advisor.Advice | None,
     timings: dict[str, float],
     reused: list[str],
 ) -> Config:
@@ -195,7 +204,7 @@ def _finetune_path(
     return cfg
 
 
-def _adopt_pilot(cfg: Config, advice: advise.Advice, wanted: str) -> None:
+def _adopt_pilot(cfg: Config, advice: advisor.Advice, wanted: str) -> None:
     """Continue from the advisor's pilot: it is this fine-tune's first epochs.
 
     The pilot ran the same settings, schedule and seed; when it ended on an

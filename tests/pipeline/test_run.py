@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import advise
+from pipeline import advisor
 from pipeline import run as run_stage
 from pipeline.config import Config, load_config
 from pipeline.finetune.loop import Trainer
@@ -85,7 +85,7 @@ def test_the_fine_tune_continues_the_advisors_pilot(
             "data.val_fraction=0.2",
         ],
     )
-    advice = advise.run(cfg)
+    advice = advisor.run(cfg)
     assert advice.size.pilot is not None and advice.size.pilot.resumable
     pilot_weights = torch.load(
         Path(advice.size.pilot.folder) / "finetune" / "last.pt", weights_only=True

@@ -1,68 +1,29 @@
-"""The advisor: the decision rule, its intervals, real runs, reuse and progress."""
+"""The advisor stage: the four-case table, real runs, reuse of advice and pilot."""
 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torchvision
 
-from features.probes import (
-    DomainStatistics,
-    Interval,
-    cv_splits,
-    fold_accuracies,
-    split_ratio,
-)
-from pipeline import advise, finetune, sizing
+from pipeline import finetune
+from pipeline.advisor import stage
+from pipeline.advisor.reasons import explain
 from pipeline.config import Config, load_config
 from pipeline.finetune.loop import Trainer
 from tests.conftest import TINY, write_digits_subset, write_png
-
-DOMAIN = DomainStatistics(0.1, (0.1,), 0.9, 0.2, 3.0, 10)
-CFG = load_config(None, ["advise.top_margin=0.01", "advise.confidence=0.95"])
-
-
-def interval(mean: float, low: float, high: float) -> Interval:
-    return Interval(mean, low, high, 0.975, "corrected resampled t", 15)
-
-
-def similarity(verdict: str, gain: Interval) -> advise.Similarity:
-    layer = "top" if verdict == "similar" else "layer2"
-    pooling = "none" if verdict == "similar" else "avg"
-    return advise.Similarity(
-        verdict, "layer2", gain, 0.01, 0.95, 5, 3, 120, 2, layer, (layer, pooling)
-    )
-
-
-def size(finetune: bool, init: str = "pretrained") -> sizing.Size:
-    return sizing.Size(
-        images=900,
-        per_class_median=450.0,
-        per_class_min=400,
-        floor=100,
-        measured=False,
-        layer="layer2/avg",
-        frozen_curve=(),
-        frozen_gain=None,
-        pilot=None,
-        scratch=None,
-        finetune=finetune,
-        init=init,
-        rule="ahead" if finetune else "floor",
-    )
-
-
-DEPTHS = (
-    advise.Depth("layer2", 128, 0.9, 0.01, 0.2, interval(0.05, 0.02, 0.08)),
-    advise.Depth("top", 512, 0.85, 0.01, 0.3),
+from tests.pipeline.advisor.test_record import (
+    DEPTHS,
+    DOMAIN,
+    interval,
+    similarity,
+    size,
 )
 
 
@@ -80,7 +41,7 @@ DEPTHS = (
 def test_decide_follows_the_four_case_table(
     verdict: str, gain: tuple[float, float, float], finetune: bool, init: str, case: int
 ) -> None:
-    advice = advise.decide(
+    advice = stage.decide(
         similarity(verdict, interval(*gain)), size(finetune, init), DEPTHS, DOMAIN
     )
     assert advice.case == case
@@ -92,93 +53,6 @@ def test_decide_follows_the_four_case_table(
         assert advice.settings["finetune.init"] == init
     if verdict == "undecided" and case == 2:
         assert "undecided: layer2 and top are within noise" in advice.settings["note"]
-
-
-def test_reasons_give_the_gain_with_its_interval_folds_and_repeats() -> None:
-    advice = advise.decide(
-        similarity("different", interval(0.052, 0.021, 0.083)),
-        replace(size(False), per_class_median=12, per_class_min=10, images=52),
-        DEPTHS,
-        DOMAIN,
-    )
-    first, second = advice.reasons()[:2]
-    assert "median 12 training images per class (min 10, 52 in all) < " in first
-    assert "advise.small_per_class = 100" in first
-    assert (
-        "similarity: different: the best earlier layer layer2 scores +5.2 points "
-        "over top [+2.1, +8.3] (97.5% interval, 5 folds x 3 repeats on 120 images"
-    ) in second
-    assert "its lower end clears advise.top_margin = 1.0 points (+2.1 > 1.0)" in second
-    undecided = advise.similarity_reason(
-        similarity("undecided", interval(0.02, -0.01, 0.05))
-    )
-    assert "within noise: it straddles advise.top_margin = 1.0 points" in undecided
-    assert undecided.endswith("(-1.0 <= 1.0 < +5.0)")
-    lines = "\n".join(advise.summary_lines(advice))
-    assert "+5.0 [ +2.0,  +8.0]" in lines  # each depth's gain and interval
-
-
-def test_reasons_of_a_backbone_without_batchnorm_or_classifier() -> None:
-    nan = float("nan")
-    domain = DomainStatistics(nan, (), nan, nan, nan, 10)
-    reasons = advise.decide(
-        similarity("similar", interval(0.0, -0.01, 0.01)), size(False), DEPTHS, domain
-    ).reasons()
-    assert "none (the backbone has no BatchNorm layers)" in reasons[3]
-    assert "the backbone has no classifier of its own" in reasons[4]
-
-
-# ---------------------------------------------------------------------------
-# Synthetic codes at the probes level: the verdict from paired folds
-
-
-def _verdict(early: np.ndarray, top: np.ndarray, y: np.ndarray) -> advise.Similarity:
-    splits = cv_splits(y, folds=5, repeats=3, seed=0)
-    scores = np.stack([fold_accuracies(X, y, splits, n_jobs=1) for X in (early, top)])
-    _, sim = advise.similarity_of(
-        CFG,
-        ["layer2", "top"],
-        [("layer2", "avg"), ("top", "none")],
-        scores,
-        [(early.shape[1], 0.0), (top.shape[1], 0.0)],
-        folds=5,
-        ratio=split_ratio(splits),
-        images=len(y),
-    )
-    return sim
-
-
-def _codes(y: np.ndarray, separation: float, rng: np.random.Generator) -> np.ndarray:
-    centres = np.eye(3, 6)[y] * separation
-    return centres + rng.normal(size=(len(y), 6))
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_layers_equal_by_construction_are_never_called_different(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    y = np.repeat([0, 1, 2], 30)
-    # The same signal with fresh noise of the same size: equal in expectation.
-    sim = _verdict(_codes(y, 1.5, rng), _codes(y, 1.5, rng), y)
-    assert sim.verdict in ("similar", "undecided")
-    assert sim.gain.low <= CFG.advise.top_margin
-
-
-def test_identical_layers_are_similar() -> None:
-    rng = np.random.default_rng(9)
-    y = np.repeat([0, 1, 2], 30)
-    codes = _codes(y, 1.5, rng)
-    sim = _verdict(codes, codes, y)
-    assert sim.verdict == "similar" and sim.layer == "top" and sim.code[0] == "top"
-    assert (sim.gain.low, sim.gain.high) == (0.0, 0.0)
-
-
-def test_a_clearly_better_earlier_layer_is_different() -> None:
-    rng = np.random.default_rng(3)
-    y = np.repeat([0, 1, 2], 30)
-    sim = _verdict(_codes(y, 4.0, rng), _codes(y, 0.7, rng), y)
-    assert sim.verdict == "different" and sim.layer == "layer2"
-    assert sim.gain.low > CFG.advise.top_margin  # the interval excludes the margin
-    assert sim.folds == 5 and sim.repeats == 3 and sim.gain.n == 15
 
 
 # ---------------------------------------------------------------------------
@@ -224,7 +98,7 @@ def test_advise_end_to_end_says_different_when_the_top_layer_is_useless(
 ) -> None:
     """Real images, a real extraction: earlier layers keep the digits, top not."""
     cfg = tiny(digits, tmp_path, f"backbone.weights='{dead_top}'", "advise.depths=2")
-    advice = advise.run(cfg)
+    advice = stage.run(cfg)
     sim = advice.similarity
     assert sim.verdict == "different" and sim.gain.low > cfg.advise.top_margin
     assert advice.case == 2 and advice.settings["train.layer"] != "top"
@@ -249,7 +123,7 @@ def test_advise_on_digits_with_imagenet_weights(digits: Path, tmp_path: Path) ->
             "backbone.input_size=64",
         ],
     )
-    advice = advise.run(cfg)
+    advice = stage.run(cfg)
     assert not advice.large and advice.size.per_class_median == 9
     assert not advice.size.measured and advice.size.rule == "floor"
     assert [d.layer for d in advice.depths][-1] == "top" and len(advice.depths) == 4
@@ -267,7 +141,7 @@ def test_advise_skips_a_corrupt_image_instead_of_crashing(
     cfg = make_config(
         image_folder, "advise.cv_folds=2", "advise.depths=2", "train.n_jobs=1"
     )
-    advice = advise.run(cfg)
+    advice = stage.run(cfg)
     assert advice.case in (1, 2)
     assert advice.domain.bn_shift >= 0  # measured on the readable images
 
@@ -285,7 +159,7 @@ def test_advise_probes_a_headless_vits_blocks(
         "sweep.cv_folds=2",
         "advise.depths=3",
     )
-    advice = advise.run(cfg)
+    advice = stage.run(cfg)
     assert [d.layer for d in advice.depths] == [
         "blocks.4/cls+patch_avg",
         "blocks.7/cls+patch_avg",
@@ -293,38 +167,8 @@ def test_advise_probes_a_headless_vits_blocks(
         "top",
     ]
     assert [d.dims for d in advice.depths] == [768, 768, 768, 384]
-    reasons = " ".join(advice.reasons())
+    reasons = " ".join(explain(advice))
     assert "no BatchNorm layers" in reasons and "no classifier of its own" in reasons
-
-
-def test_the_batchnorm_step_shows_progress_and_logs(
-    image_folder: Path,
-    make_config: Callable[..., Config],
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    bars: dict[str, list[int]] = {}
-    real = advise.progress_bar
-
-    def recording(total: int, **kwargs: Any) -> Any:
-        bar = real(total, **kwargs)
-        steps = bars.setdefault(kwargs["desc"], [total])
-        update = bar.update
-        bar.update = lambda n=1: (steps.append(n), update(n))[1]
-        return bar
-
-    monkeypatch.setattr(advise, "progress_bar", recording)
-    cfg = make_config(image_folder, "advise.depths=2", "train.n_jobs=1")
-    with caplog.at_level(logging.INFO, logger="pipeline"):
-        advise.run(cfg)
-    total, *steps = bars["advise: BatchNorm shift"]
-    assert sum(steps) == total > 0 and len(steps) >= 1
-    assert bars["advise: probes"][0] == 3 and sum(bars["advise: probes"][1:]) == 3
-    text = caplog.text
-    assert f"BatchNorm input shift and the backbone's confidence on {total} images" in (
-        text
-    )
-    assert "advise: BatchNorm shift " in text and "mean top-1 probability" in text
 
 
 # ---------------------------------------------------------------------------
@@ -359,7 +203,7 @@ def piloted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Trainer, "_step", step)
-        advice = advise.run(cfg)
+        advice = stage.run(cfg)
     return {"cfg": cfg, "advice": advice, "seen": seen, "root": root}
 
 
@@ -398,14 +242,14 @@ def test_a_rerun_reuses_the_advice_and_the_pilot_until_something_changes(
 
     # Nothing changed: the advice is read back, nothing is measured.
     with monkeypatch.context() as patch:
-        patch.setattr(advise, "_probe_depths", refuse)
+        patch.setattr(stage, "probe_depths", refuse)
         patch.setattr(finetune, "pilot", refuse)
-        again = advise.run(cfg)
+        again = stage.run(cfg)
     assert again == first
     # A decision setting changed: advised again, the pilot reused.
     with monkeypatch.context() as patch:
         patch.setattr(finetune, "pilot", refuse)
-        looser = advise.run(replace(cfg, advise=replace(cfg.advise, top_margin=0.5)))
+        looser = stage.run(replace(cfg, advise=replace(cfg.advise, top_margin=0.5)))
     assert looser.similarity.margin == 0.5 and looser.size.pilot == first.size.pilot
     # An image changed: advised again, pilot included.
     before = json.loads(cfg.layout.advice.read_text())["stamp"]
@@ -415,6 +259,6 @@ def test_a_rerun_reuses_the_advice_and_the_pilot_until_something_changes(
     monkeypatch.setattr(
         finetune, "pilot", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
-    changed = advise.run(cfg)
+    changed = stage.run(cfg)
     assert calls == [1] and changed.size.pilot is not None
     assert json.loads(cfg.layout.advice.read_text())["stamp"] != before

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,9 @@ from features.probes import (
     paired_interval,
 )
 from pipeline import finetune
+from pipeline.advisor.record import CurvePoint, Pilot, Size
 from pipeline.config import Config
+from pipeline.inputs import load_images
 from pipeline.stamps import stamp, stamp_of
 
 log = logging.getLogger(__name__)
@@ -63,110 +65,6 @@ log = logging.getLogger(__name__)
 FRACTIONS = (0.25, 0.5, 1.0)
 # NOTE: bump when what a pilot records changes, so old pilot.json is redone.
 PILOT_VERSION = 2
-
-
-@dataclass(frozen=True)
-class CurvePoint:
-    """Validation accuracy after training on (or processing) `images` images."""
-
-    images: int
-    accuracy: float
-
-
-@dataclass(frozen=True)
-class Pilot:
-    """One budgeted pilot fine-tune and how it compares.
-
-    Attributes:
-        init: "pretrained" or "scratch".
-        budget, images, full: training images allowed, processed, and
-            processed by the full fine-tune.
-        share: images / full.
-        epochs: whole epochs it completed.
-        seconds: its wall time.
-        curve: validation accuracy along the pilot (the last point is its end).
-        accuracy: its validation accuracy at the end, on `versus`'s images.
-        forecast: the accuracy forecast at the full budget (the last
-            accuracy when fewer than two points follow the warm-up).
-        forecast_low, forecast_high: its interval (at advise.confidence) from
-            the validation points' sampling noise.
-        forecast_points: the pilot's points the forecast rests on.
-        versus: its accuracy minus the reference's (the frozen probe for the
-            pretrained pilot, the pretrained pilot for the scratch one) on the
-            same validation images.
-        reference: what its forecast must pass by the margin: the frozen
-            probe's validation accuracy (trained on all training images), or
-            the pretrained pilot's forecast.
-        resumable: the full fine-tune can continue its checkpoint.
-        folder: its run folder.
-    """
-
-    init: str
-    budget: int
-    images: int
-    full: int
-    share: float
-    epochs: int
-    seconds: float
-    curve: tuple[CurvePoint, ...]
-    accuracy: float
-    forecast: float
-    forecast_low: float
-    forecast_high: float
-    forecast_points: int
-    versus: Interval
-    reference: float
-    resumable: bool
-    folder: str
-
-    def wins(self, margin: float) -> str | None:
-        """Why it beats its reference ("ahead", "forecast"), or None.
-
-        Ahead: the paired interval against the reference is above 0.
-        Forecast: the lower end of the forecast's interval passes the
-        reference by more than the margin.
-        """
-        if self.versus.low > 0:
-            return "ahead"
-        if self.forecast_low - self.reference > margin:
-            return "forecast"
-        return None
-
-
-@dataclass(frozen=True)
-class Size:
-    """The size evidence and the verdict: fine-tune, or the codes path.
-
-    Attributes:
-        images, per_class_median, per_class_min: training images.
-        floor: advise.small_per_class.
-        measured: above the floor, so the curve and the pilot ran.
-        layer: the frozen probe's layer (the codes path's).
-        frozen_curve: its validation accuracy at 1/4, 1/2, all training images.
-        frozen_gain: all minus 1/2, paired on the validation images.
-        pilot, scratch: the pretrained and the scratch pilot (None if not run).
-        finetune: the verdict: fine-tune (large) or the codes path (small).
-        init: the fine-tune's init when `finetune`.
-        rule: which rule decided ("floor", "ahead", "forecast", "codes").
-    """
-
-    images: int
-    per_class_median: float
-    per_class_min: int
-    floor: int
-    measured: bool
-    layer: str
-    frozen_curve: tuple[CurvePoint, ...]
-    frozen_gain: Interval | None
-    pilot: Pilot | None
-    scratch: Pilot | None
-    finetune: bool
-    init: str
-    rule: str
-
-    @property
-    def seconds(self) -> float:
-        return sum(p.seconds for p in (self.pilot, self.scratch) if p is not None)
 
 
 def measure(
@@ -190,28 +88,10 @@ def measure(
     Raises:
         DataError: above the floor, a class without validation images.
     """
-    counts = images.counts()["train"]
-    per_class = [counts[name] for name in images.label_names]
-    median = float(np.median(per_class))
-    base: dict[str, Any] = dict(
-        images=sum(per_class),
-        per_class_median=median,
-        per_class_min=min(per_class),
-        floor=cfg.advise.small_per_class,
-        layer="/".join(code),
-    )
+    counted = _counted(cfg, images, code)
+    median = counted["per_class_median"]
     if median < cfg.advise.small_per_class:
-        return Size(
-            **base,
-            measured=False,
-            frozen_curve=(),
-            frozen_gain=None,
-            pilot=None,
-            scratch=None,
-            finetune=False,
-            init="pretrained",
-            rule="floor",
-        )
+        return _unmeasured(counted)
     _check_validation(images)
     log.info(
         "advise: median %.0f training images per class >= advise.small_per_class "
@@ -227,7 +107,7 @@ def measure(
         scratch, _ = _compare(cfg, "scratch", mine, pretrained.forecast)
         init = "scratch" if scratch.wins(cfg.advise.top_margin) else "pretrained"
     return Size(
-        **base,
+        **counted,
         measured=True,
         frozen_curve=curve,
         frozen_gain=gain,
@@ -236,6 +116,34 @@ def measure(
         finetune=rule != "codes",
         init=init,
         rule=rule,
+    )
+
+
+def _counted(cfg: Config, images: ImageSet, code: tuple[str, str]) -> dict[str, Any]:
+    """The Size fields every verdict shares: the training images per class."""
+    counts = images.counts()["train"]
+    per_class = [counts[name] for name in images.label_names]
+    return dict(
+        images=sum(per_class),
+        per_class_median=float(np.median(per_class)),
+        per_class_min=min(per_class),
+        floor=cfg.advise.small_per_class,
+        layer="/".join(code),
+    )
+
+
+def _unmeasured(counted: dict[str, Any]) -> Size:
+    """Below the floor: small, the codes path, nothing measured."""
+    return Size(
+        **counted,
+        measured=False,
+        frozen_curve=(),
+        frozen_gain=None,
+        pilot=None,
+        scratch=None,
+        finetune=False,
+        init="pretrained",
+        rule="floor",
     )
 
 
@@ -269,34 +177,33 @@ def frozen_curve(
     train = load_codes(cache, layer, pooling, split="train")
     val = load_codes(cache, layer, pooling, split="val")
     order = nested_order(train.y, cfg.run.seed)
-    points, correct = [], []
-    for fraction in FRACTIONS:
-        start = time.perf_counter()
-        rows = order[fraction]
-        right = holdout_probe(
-            train.X[rows],
-            train.y[rows],
-            val.X,
-            val.y,
-            C=cfg.sweep.C,
-            max_iter=cfg.train.max_iter,
-        )
-        points.append(CurvePoint(len(rows), float(right.mean())))
-        correct.append(right)
-        log.info(
-            "advise: frozen %s/%s on %d training images: val accuracy %.4f (%.1f s)",
-            layer,
-            pooling,
-            len(rows),
-            points[-1].accuracy,
-            time.perf_counter() - start,
-        )
-    gain = paired_interval(correct[-1], correct[-2], confidence=cfg.advise.confidence)
-    return (
-        tuple(points),
-        gain,
-        dict(zip(_paths(val), correct[-1].tolist(), strict=True)),
+    correct = [
+        _frozen_probe(cfg, train.take(order[f]), val, code=code) for f in FRACTIONS
+    ]
+    points = tuple(
+        CurvePoint(len(order[f]), float(right.mean()))
+        for f, right in zip(FRACTIONS, correct, strict=True)
     )
+    gain = paired_interval(correct[-1], correct[-2], confidence=cfg.advise.confidence)
+    return points, gain, dict(zip(_paths(val), correct[-1].tolist(), strict=True))
+
+
+def _frozen_probe(
+    cfg: Config, train: Codes, val: Codes, *, code: tuple[str, str]
+) -> np.ndarray:
+    """Whether the probe trained on `train` gets each validation image right."""
+    start = time.perf_counter()
+    right = holdout_probe(
+        train.X, train.y, val.X, val.y, C=cfg.sweep.C, max_iter=cfg.train.max_iter
+    )
+    log.info(
+        "advise: frozen %s/%s on %d training images: val accuracy %.4f (%.1f s)",
+        *code,
+        len(train),
+        float(right.mean()),
+        time.perf_counter() - start,
+    )
+    return right
 
 
 def nested_order(
@@ -358,8 +265,6 @@ def run_pilot(cfg: Config, init: str) -> finetune.PilotRun:
 
 def pilot_stamp(pcfg: Config) -> str:
     """The fine-tune's own stamp (settings, images, seed) and the pilot's budget."""
-    from pipeline.inputs import load_images
-
     a = pcfg.advise
     return stamp(
         PILOT_VERSION,
@@ -394,18 +299,13 @@ def _compare(
 
     Returns:
         The pilot's summary, and its own correctness per validation image.
+
+    Raises:
+        DataError: the pilot and the reference share no validation image.
     """
     run = run_pilot(cfg, init)
     mine = dict(zip(run.val_paths, run.val_correct, strict=True))
-    shared = sorted(set(mine) & set(reference))
-    if not shared:
-        raise DataError(
-            "the pilot and its reference share no readable validation image; "
-            "`quadrant extract` lists the unreadable files"
-        )
-    a = np.array([mine[p] for p in shared])
-    b = np.array([reference[p] for p in shared])
-    versus = paired_interval(a, b, confidence=cfg.advise.confidence)
+    accuracy, versus = _versus(mine, reference, cfg.advise.confidence)
     forecast, used = forecast_pilot(run, cfg.advise.confidence)
     pilot = Pilot(
         init=init,
@@ -416,7 +316,7 @@ def _compare(
         epochs=run.epochs,
         seconds=run.seconds,
         curve=tuple(CurvePoint(int(t), float(acc)) for t, acc in run.curve),
-        accuracy=float(a.mean()),
+        accuracy=accuracy,
         forecast=forecast.mean,
         forecast_low=forecast.low,
         forecast_high=forecast.high,
@@ -426,11 +326,38 @@ def _compare(
         resumable=run.resumable,
         folder=str(cfg.layout.pilot(init)),
     )
+    _log_pilot(pilot)
+    return pilot, mine
+
+
+def _versus(
+    mine: dict[str, bool], reference: dict[str, bool], confidence: float
+) -> tuple[float, Interval]:
+    """The pilot's accuracy and its paired gain over the reference.
+
+    Both are read on the validation images the two were scored on.
+
+    Raises:
+        DataError: they share no validation image.
+    """
+    shared = sorted(set(mine) & set(reference))
+    if not shared:
+        raise DataError(
+            "the pilot and its reference share no readable validation image; "
+            "`quadrant extract` lists the unreadable files"
+        )
+    a = np.array([mine[p] for p in shared])
+    b = np.array([reference[p] for p in shared])
+    return float(a.mean()), paired_interval(a, b, confidence=confidence)
+
+
+def _log_pilot(pilot: Pilot) -> None:
+    versus = pilot.versus
     log.info(
         "advise: pilot (%s init) %d of %d images (%.0f%%) in %.0f s: val accuracy "
         "%.4f, %+.1f points [%+.1f, %+.1f] against its reference; forecast at the "
         "full budget %.4f [%.4f, %.4f] against %.4f",
-        init,
+        pilot.init,
         pilot.images,
         pilot.full,
         100 * pilot.share,
@@ -442,9 +369,8 @@ def _compare(
         pilot.forecast,
         pilot.forecast_low,
         pilot.forecast_high,
-        target,
+        pilot.reference,
     )
-    return pilot, mine
 
 
 def forecast_pilot(run: finetune.PilotRun, confidence: float) -> tuple[Interval, int]:

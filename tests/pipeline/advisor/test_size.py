@@ -1,4 +1,4 @@
-"""The size question: the floor, the frozen learning curve, the pilot's rules."""
+"""The size question: the floor, the frozen learning curve, the pilot's forecast."""
 
 from __future__ import annotations
 
@@ -10,60 +10,24 @@ import numpy as np
 import pytest
 
 from features.errors import DataError
-from features.probes import Interval
-from pipeline import finetune, sizing
+from pipeline import finetune
+from pipeline.advisor.record import CurvePoint, Pilot
+from pipeline.advisor.size import forecast_pilot, measure, nested_order
 from pipeline.config import Config
 from pipeline.inputs import load_images
 
 
 def test_nested_order_is_stratified_nested_and_seeded() -> None:
     y = np.array([0] * 8 + [1] * 4 + [2] * 1)
-    order = sizing.nested_order(y, seed=3)
+    order = nested_order(y, seed=3)
     assert [np.bincount(y[order[f]], minlength=3).tolist() for f in (0.25, 0.5, 1)] == [
         [2, 1, 1],
         [4, 2, 1],
         [8, 4, 1],
     ]
     assert set(order[0.25]) <= set(order[0.5]) <= set(order[1.0])
-    again = sizing.nested_order(y, seed=3)
+    again = nested_order(y, seed=3)
     assert all(np.array_equal(order[f], again[f]) for f in order)
-
-
-def _pilot(versus: tuple[float, float, float], forecast: float) -> sizing.Pilot:
-    return sizing.Pilot(
-        init="pretrained",
-        budget=100,
-        images=100,
-        full=400,
-        share=0.25,
-        epochs=1,
-        seconds=1.0,
-        curve=(sizing.CurvePoint(50, 0.8), sizing.CurvePoint(100, 0.85)),
-        accuracy=0.85,
-        forecast=forecast,
-        forecast_low=forecast - 0.005,
-        forecast_high=forecast + 0.005,
-        forecast_points=2,
-        versus=Interval(*versus, 0.95, "paired normal", 200),
-        reference=0.9,
-        resumable=True,
-        folder="x",
-    )
-
-
-@pytest.mark.parametrize(
-    "versus, forecast, rule",
-    [
-        ((0.03, 0.01, 0.05), 0.85, "ahead"),  # the interval is above 0
-        ((-0.05, -0.08, -0.02), 0.92, "forecast"),  # low end passes by 1.5 > 1
-        ((-0.05, -0.08, -0.02), 0.912, None),  # the low end passes by 0.7 only
-        ((0.01, -0.01, 0.03), 0.90, None),  # a tie now, no gain ahead
-    ],
-)
-def test_pilot_wins_when_ahead_or_forecast_to_pass_by_the_margin(
-    versus: tuple[float, float, float], forecast: float, rule: str | None
-) -> None:
-    assert _pilot(versus, forecast).wins(0.01) == rule
 
 
 def _run(warmup: int, val: int = 1000) -> finetune.PilotRun:
@@ -76,14 +40,14 @@ def _run(warmup: int, val: int = 1000) -> finetune.PilotRun:
 
 def test_the_forecast_uses_the_second_half_of_the_pilot_after_its_warm_up() -> None:
     # The first point would make the curve look steeper.
-    forecast, points = sizing.forecast_pilot(_run(0), 0.95)
+    forecast, points = forecast_pilot(_run(0), 0.95)
     assert points == 2 and forecast.mean == pytest.approx(1 - 0.8 / 40)
     assert forecast.low < forecast.mean < forecast.high
     # Fewer validation images, noisier points: a wider interval.
-    noisy, _ = sizing.forecast_pilot(_run(0, val=100), 0.95)
+    noisy, _ = forecast_pilot(_run(0, val=100), 0.95)
     assert noisy.high - noisy.low > forecast.high - forecast.low
     # A pilot that ends inside its warm-up forecasts nothing: its last value.
-    none, points = sizing.forecast_pilot(_run(400), 0.95)
+    none, points = forecast_pilot(_run(400), 0.95)
     assert points == 1 and none.low == none.mean == none.high == 1 - 0.8 / 20
 
 
@@ -91,7 +55,7 @@ def test_below_the_floor_nothing_is_measured(
     image_folder: Path, make_config: Callable[..., Config]
 ) -> None:
     cfg = make_config(image_folder)  # 10 images per class < 100
-    size = sizing.measure(
+    size = measure(
         cfg, load_images(cfg), Path("unused.h5"), ("top", "none"), different=True
     )
     assert not size.measured and not size.finetune and size.rule == "floor"
@@ -103,7 +67,7 @@ def test_above_the_floor_validation_images_are_required(
 ) -> None:
     cfg = make_config(image_folder, "advise.small_per_class=2", "data.val_fraction=0")
     with pytest.raises(DataError, match=r"class\(es\) \['cat', 'dog'\] have no vali"):
-        sizing.measure(
+        measure(
             cfg, load_images(cfg), Path("unused.h5"), ("top", "none"), different=False
         )
 
@@ -128,18 +92,19 @@ def test_when_fine_tuning_wins_on_different_data_a_scratch_pilot_runs_too(
     val = [r.path for r in images.records if r.split == "val"]
     # The frozen probe is stubbed (no cache needed); the pilots are real. Every
     # pilot "wins", so the decision reaches the scratch pilot and takes it.
-    curve = (sizing.CurvePoint(images.counts()["train"].total(), 0.0),)
+    curve = (CurvePoint(images.counts()["train"].total(), 0.0),)
     monkeypatch.setattr(
-        sizing, "frozen_curve", lambda *a: (curve, None, {p: False for p in val})
+        "pipeline.advisor.size.frozen_curve",
+        lambda *a: (curve, None, {p: False for p in val}),
     )
-    monkeypatch.setattr(sizing.Pilot, "wins", lambda self, margin: "ahead")
+    monkeypatch.setattr(Pilot, "wins", lambda self, margin: "ahead")
     code = ("top", "none")
 
-    similar = sizing.measure(cfg, images, Path("unused.h5"), code, different=False)
+    similar = measure(cfg, images, Path("unused.h5"), code, different=False)
     assert similar.finetune and similar.scratch is None and similar.init == "pretrained"
     assert not cfg.layout.pilot("scratch").exists()
 
-    size = sizing.measure(cfg, images, Path("unused.h5"), code, different=True)
+    size = measure(cfg, images, Path("unused.h5"), code, different=True)
     assert size.pilot == similar.pilot  # the pretrained pilot is reused
     scratch = size.scratch
     assert scratch is not None and scratch.init == "scratch" and size.init == "scratch"

@@ -1,0 +1,293 @@
+"""The advice record: the case names, what the advisor found, advice.json.
+
+Data only: the measurements live in `similarity` and `size`, their wording in
+`reasons`, the stage in `stage`. advice.json has its one writer
+(`write_advice`) and its one reader (`read_advice`) here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from features.atomic import write_json
+from features.probes import DomainStatistics, Interval
+
+CASES = {
+    1: "small, similar: a linear classifier on the top-layer codes",
+    2: "small, different: a linear classifier on codes of an earlier layer",
+    3: "large, similar: fine-tune the whole network from the pretrained weights",
+    4: "large, different: fine-tune the whole network (pretrained init, or scratch)",
+}
+VERDICTS = ("similar", "different", "undecided")
+
+
+@dataclass(frozen=True)
+class Depth:
+    """One probed depth: its layer and how well its codes serve the task.
+
+    `accuracy` and `std` are the mean and spread over every fold of every
+    repeat; `gain` is its paired gain over top with its interval (None for
+    top itself).
+    """
+
+    layer: str
+    dims: int
+    accuracy: float
+    std: float
+    logme: float
+    gain: Interval | None = None
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """The similarity verdict and the paired evidence behind it.
+
+    Attributes:
+        verdict: "similar", "different" or "undecided".
+        best_layer: the earlier layer with the highest mean probe accuracy.
+        gain: its accuracy minus top's on the same folds, with the interval
+            the verdict reads (at the Bonferroni level for `layers` earlier
+            layers, so that picking the best of them keeps the overall level
+            at `confidence`).
+        margin: advise.top_margin.
+        confidence: advise.confidence (family-wise over the earlier layers).
+        folds, repeats: the cross-validation the gain rests on.
+        images: training images in the probe's sample.
+        layer: the depth the codes path trains on: top when similar, else the
+            best earlier layer (undecided: the cheaper one, which stops the
+            network earlier).
+        code: (layer, pooling) of that depth in the code cache.
+    """
+
+    verdict: str
+    best_layer: str
+    gain: Interval
+    margin: float
+    confidence: float
+    folds: int
+    repeats: int
+    images: int
+    layers: int
+    layer: str
+    code: tuple[str, str]
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """Validation accuracy after training on (or processing) `images` images."""
+
+    images: int
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class Pilot:
+    """One budgeted pilot fine-tune and how it compares.
+
+    Attributes:
+        init: "pretrained" or "scratch".
+        budget, images, full: training images allowed, processed, and
+            processed by the full fine-tune.
+        share: images / full.
+        epochs: whole epochs it completed.
+        seconds: its wall time.
+        curve: validation accuracy along the pilot (the last point is its end).
+        accuracy: its validation accuracy at the end, on `versus`'s images.
+        forecast: the accuracy forecast at the full budget (the last
+            accuracy when fewer than two points follow the warm-up).
+        forecast_low, forecast_high: its interval (at advise.confidence) from
+            the validation points' sampling noise.
+        forecast_points: the pilot's points the forecast rests on.
+        versus: its accuracy minus the reference's (the frozen probe for the
+            pretrained pilot, the pretrained pilot for the scratch one) on the
+            same validation images.
+        reference: what its forecast must pass by the margin: the frozen
+            probe's validation accuracy (trained on all training images), or
+            the pretrained pilot's forecast.
+        resumable: the full fine-tune can continue its checkpoint.
+        folder: its run folder.
+    """
+
+    init: str
+    budget: int
+    images: int
+    full: int
+    share: float
+    epochs: int
+    seconds: float
+    curve: tuple[CurvePoint, ...]
+    accuracy: float
+    forecast: float
+    forecast_low: float
+    forecast_high: float
+    forecast_points: int
+    versus: Interval
+    reference: float
+    resumable: bool
+    folder: str
+
+    def wins(self, margin: float) -> str | None:
+        """Why it beats its reference ("ahead", "forecast"), or None.
+
+        Ahead: the paired interval against the reference is above 0.
+        Forecast: the lower end of the forecast's interval passes the
+        reference by more than the margin.
+        """
+        if self.versus.low > 0:
+            return "ahead"
+        if self.forecast_low - self.reference > margin:
+            return "forecast"
+        return None
+
+
+@dataclass(frozen=True)
+class Size:
+    """The size evidence and the verdict: fine-tune, or the codes path.
+
+    Attributes:
+        images, per_class_median, per_class_min: training images.
+        floor: advise.small_per_class.
+        measured: above the floor, so the curve and the pilot ran.
+        layer: the frozen probe's layer (the codes path's).
+        frozen_curve: its validation accuracy at 1/4, 1/2, all training images.
+        frozen_gain: all minus 1/2, paired on the validation images.
+        pilot, scratch: the pretrained and the scratch pilot (None if not run).
+        finetune: the verdict: fine-tune (large) or the codes path (small).
+        init: the fine-tune's init when `finetune`.
+        rule: which rule decided ("floor", "ahead", "forecast", "codes").
+    """
+
+    images: int
+    per_class_median: float
+    per_class_min: int
+    floor: int
+    measured: bool
+    layer: str
+    frozen_curve: tuple[CurvePoint, ...]
+    frozen_gain: Interval | None
+    pilot: Pilot | None
+    scratch: Pilot | None
+    finetune: bool
+    init: str
+    rule: str
+
+    @property
+    def seconds(self) -> float:
+        return sum(p.seconds for p in (self.pilot, self.scratch) if p is not None)
+
+
+@dataclass(frozen=True)
+class Advice:
+    """The case, the evidence behind it, and the settings to run it with."""
+
+    case: int
+    similarity: Similarity
+    size: Size
+    depths: tuple[Depth, ...]
+    logme_best_layer: str
+    domain: DomainStatistics
+    settings: dict[str, Any]
+    seconds: dict[str, float]
+
+    @property
+    def large(self) -> bool:
+        return self.size.finetune
+
+    @property
+    def similar(self) -> bool:
+        return self.similarity.verdict != "different"
+
+    def reasons(self) -> list[str]:
+        """The evidence in sentences: `pipeline.advisor.reasons.explain`."""
+        # NOTE: the wording lives in reasons.py, which imports these records:
+        # hence the import here, not at the top.
+        from pipeline.advisor.reasons import explain
+
+        return explain(self)
+
+
+# ---------------------------------------------------------------------------
+# advice.json
+
+
+def write_advice(
+    path: Path,
+    advice: Advice,
+    *,
+    reasons: list[str],
+    config: dict[str, Any],
+    stamp: str,
+) -> Path:
+    """Write `advice` with its case's description, reasons, config and stamp.
+
+    Args:
+        path: the record (`<run.out>/advice.json`).
+        advice: what the advisor decided.
+        reasons: the evidence in sentences.
+        config: the whole configuration, as a dict.
+        stamp: what the advice was made from (`stage.advice_stamp`).
+    """
+    data = asdict(advice)
+    data["description"] = CASES[advice.case]
+    data["reasons"] = reasons
+    data["config"] = config
+    data["stamp"] = stamp
+    return write_json(path, data)
+
+
+def read_advice(path: Path) -> Advice:
+    """The Advice an advice.json holds."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    sim = data["similarity"]
+    return Advice(
+        int(data["case"]),
+        Similarity(
+            **{**sim, "gain": _interval(sim["gain"]), "code": tuple(sim["code"])}
+        ),
+        _size(data["size"]),
+        tuple(
+            Depth(**{**d, "gain": _interval(d["gain"]) if d["gain"] else None})
+            for d in data["depths"]
+        ),
+        data["logme_best_layer"],
+        DomainStatistics(
+            **{
+                **data["domain"],
+                "bn_shift_layers": tuple(data["domain"]["bn_shift_layers"]),
+            }
+        ),
+        dict(data["settings"]),
+        dict(data["seconds"]),
+    )
+
+
+def _interval(data: dict[str, Any]) -> Interval:
+    return Interval(**data)
+
+
+def _curve(data: list[dict[str, Any]]) -> tuple[CurvePoint, ...]:
+    return tuple(CurvePoint(**c) for c in data)
+
+
+def _pilot(data: dict[str, Any] | None) -> Pilot | None:
+    if data is None:
+        return None
+    return Pilot(
+        **{**data, "curve": _curve(data["curve"]), "versus": _interval(data["versus"])}
+    )
+
+
+def _size(data: dict[str, Any]) -> Size:
+    gain = data["frozen_gain"]
+    return Size(
+        **{
+            **data,
+            "frozen_curve": _curve(data["frozen_curve"]),
+            "frozen_gain": _interval(gain) if gain else None,
+            "pilot": _pilot(data["pilot"]),
+            "scratch": _pilot(data["scratch"]),
+        }
+    )
