@@ -17,7 +17,6 @@ settings themselves.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -30,6 +29,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from features.atomic import read_json
 from features.backbones import Backbone, build_backbone, sha256_of
 from features.backbones.registry import is_weights_path
 from features.errors import CacheMismatchError, StageInputError
@@ -108,12 +108,7 @@ def read_record(files: ModelFiles) -> dict[str, Any]:
         raise StageInputError(
             f"no {files.kind} model in {files.folder}; {_train_command(files.kind)}"
         )
-    try:
-        record = json.loads(files.record.read_text())
-    except ValueError as err:
-        raise CacheMismatchError(
-            f"{files.record} is not valid JSON ({err}); {RETRAIN[files.kind]}"
-        ) from None
+    record = read_json(files.record, fix=RETRAIN[files.kind])
     if (
         not isinstance(record, dict)
         or record.get("format") != FORMAT

@@ -7,12 +7,11 @@ Data only: the measurements live in `similarity` and `size`, their wording in
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from features.atomic import write_json
+from features.atomic import read_json, write_json
 from features.probes import DomainStatistics, Interval
 
 CASES = {
@@ -240,7 +239,7 @@ def write_advice(
 
 def read_advice(path: Path) -> Advice:
     """The Advice an advice.json holds."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = read_json(path, fix="run `quadrant advise` again")
     sim = data["similarity"]
     return Advice(
         int(data["case"]),
