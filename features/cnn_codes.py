@@ -18,6 +18,23 @@ from sklearn.utils.validation import check_is_fitted
 
 from features.codes import load_codes
 from features.layers import TOP
+from features.limits import Check, Limits, OneOf, Parses, check_limits
+from features.names import DECODE_MODES
+from features.pooling import parse_pooling
+from features.settings import DEVICE, ExtractOptions
+
+# Parameters are checked in `fit` (the estimator contract), with the same
+# limits and wording as conf.toml's keys of the same meaning.
+_LIMITS: Limits = {
+    "pooling": Parses(parse_pooling, "mean"),
+    "decode": OneOf(DECODE_MODES),
+    "batch_size": Check(
+        lambda n: isinstance(n, int) and not isinstance(n, bool) and n >= 1,
+        "must be a positive int",
+        0,
+    ),
+    "device": DEVICE,
+}
 
 
 class CNNCodes(TransformerMixin, BaseEstimator):
@@ -83,7 +100,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         """Build the frozen backbone cut at `layer` (nothing is learned).
 
         Raises:
-            ValueError: a parameter is out of range or unknown.
+            ConfigError: (a ValueError) a parameter is out of range or unknown.
         """
         self._validate()
         self._build()
@@ -91,18 +108,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         return self
 
     def _validate(self) -> None:
-        from features.names import DECODE_MODES
-        from features.pooling import parse_pooling
-
-        parse_pooling(self.pooling)  # raises ValueError with the valid spellings
-        if self.decode not in DECODE_MODES:
-            raise ValueError(
-                f"decode must be one of {list(DECODE_MODES)}, got {self.decode!r}"
-            )
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(
-                f"batch_size must be a positive int, got {self.batch_size!r}"
-            )
+        check_limits("CNNCodes:", self, _LIMITS)
 
     def _build(self) -> None:
         from features.backbones import build_backbone
@@ -126,75 +132,9 @@ class CNNCodes(TransformerMixin, BaseEstimator):
             self._build()
         items = list(X)
         if items and all(isinstance(i, str | Path) for i in items):
-            return self._transform_paths([Path(i) for i in items])
-        return self._transform_images(items)
-
-    def _options(self) -> Any:
-        from features.settings import ExtractOptions
-
-        return ExtractOptions(
-            batch_size=self.batch_size,
-            device=self.device,
-            num_workers=0,
-            # NOTE: without cache_dir every transform extracts into a fresh
-            # temporary folder, where the onnxruntime engine would be
-            # exported again each time.
-            engine="torch",
-        )
-
-    def _transform_paths(self, paths: list[Path]) -> npt.NDArray[np.float32]:
-        import tempfile
-
-        from features.data import images_from_paths
-        from features.errors import ImageDecodeError
-        from features.extractor import extract_codes
-
-        images = images_from_paths(paths)
-        with tempfile.TemporaryDirectory() as tmp:
-            result = extract_codes(
-                images,
-                self.model_,
-                options=self._options(),
-                cache_dir=Path(self.cache_dir or tmp),
-                progress=self.progress,
-            )
-            if result.skipped:
-                listed = "; ".join(f"{p}: {r}" for p, r in result.skipped[:5])
-                raise ImageDecodeError(
-                    f"{len(result.skipped)} image(s) could not be read ({listed}); "
-                    "remove or fix them: a transformer must return one row per image"
-                )
-            codes = load_codes(result.path, self.layer)
-        row = {str(images.base / p): i for i, p in enumerate(codes.paths)}
-        return codes.X[[row[str(p.resolve())] for p in paths]]
-
-    def _transform_images(self, items: list[Any]) -> npt.NDArray[np.float32]:
-        import torch
-
-        from features.devices import resolve_device, resolve_precision
-        from features.extractor import CodeRunner
-        from features.images import reduce_to, to_rgb
-        from features.settings import Decoding
-        from features.transforms import eval_transform
-
-        options = self._options()
-        device = resolve_device(options.device)
-        runner = CodeRunner(
-            self.model_, options, device, resolve_precision(options.precision, device)
-        )
-        prepare = eval_transform(self.model_.preprocessing)
-        side = Decoding().for_input(self.model_.preprocessing).side
-        out = []
-        for start in range(0, len(items), self.batch_size):
-            batch = [
-                prepare(to_rgb(item) if side is None else reduce_to(to_rgb(item), side))
-                for item in items[start : start + self.batch_size]
-            ]
-            codes = runner(torch.stack(batch))
-            out.append(next(iter(codes.values())))
-        if not out:
-            return np.zeros((0, self.n_features_out_), dtype=np.float32)
-        return np.concatenate(out).astype(np.float32, copy=False)
+            paths = [Path(i) for i in items]
+            return _codes_of_paths(self, paths, _options(self))
+        return _codes_of_images(self, items, _options(self))
 
     def get_feature_names_out(self, input_features: Any = None) -> npt.NDArray[np.str_]:
         """Names `<layer>_<i>` of the output columns."""
@@ -208,3 +148,76 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         state.pop("backbone_", None)
         state.pop("model_", None)
         return state
+
+
+def _options(est: CNNCodes) -> ExtractOptions:
+    return ExtractOptions(
+        batch_size=est.batch_size,
+        device=est.device,
+        num_workers=0,
+        # NOTE: without cache_dir every transform extracts into a fresh
+        # temporary folder, where the onnxruntime engine would be exported
+        # again each time.
+        engine="torch",
+    )
+
+
+def _codes_of_paths(
+    est: CNNCodes, paths: list[Path], options: ExtractOptions
+) -> npt.NDArray[np.float32]:
+    """Image files through quadrant's extraction (and cache, with cache_dir)."""
+    import tempfile
+
+    from features.data import images_from_paths
+    from features.errors import ImageDecodeError
+    from features.extractor import extract_codes
+
+    images = images_from_paths(paths)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = extract_codes(
+            images,
+            est.model_,
+            options=options,
+            cache_dir=Path(est.cache_dir or tmp),
+            progress=est.progress,
+        )
+        if result.skipped:
+            listed = "; ".join(f"{p}: {r}" for p, r in result.skipped[:5])
+            raise ImageDecodeError(
+                f"{len(result.skipped)} image(s) could not be read ({listed}); "
+                "remove or fix them: a transformer must return one row per image"
+            )
+        codes = load_codes(result.path, est.layer)
+    row = {str(images.base / p): i for i, p in enumerate(codes.paths)}
+    return codes.X[[row[str(p.resolve())] for p in paths]]
+
+
+def _codes_of_images(
+    est: CNNCodes, items: list[Any], options: ExtractOptions
+) -> npt.NDArray[np.float32]:
+    """In-memory images through the code model, batch by batch."""
+    import torch
+
+    from features.devices import resolve_device, resolve_precision
+    from features.extractor import CodeRunner
+    from features.images import reduce_to, to_rgb
+    from features.settings import Decoding
+    from features.transforms import eval_transform
+
+    device = resolve_device(options.device)
+    runner = CodeRunner(
+        est.model_, options, device, resolve_precision(options.precision, device)
+    )
+    prepare = eval_transform(est.model_.preprocessing)
+    side = Decoding().for_input(est.model_.preprocessing).side
+    out = []
+    for start in range(0, len(items), est.batch_size):
+        batch = [
+            prepare(to_rgb(item) if side is None else reduce_to(to_rgb(item), side))
+            for item in items[start : start + est.batch_size]
+        ]
+        codes = runner(torch.stack(batch))
+        out.append(next(iter(codes.values())))
+    if not out:
+        return np.zeros((0, est.n_features_out_), dtype=np.float32)
+    return np.concatenate(out).astype(np.float32, copy=False)

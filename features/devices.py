@@ -145,19 +145,32 @@ def plan_loader(
         The plan; without measurements, one worker and the remaining cores.
     """
     cpus = max(1, cpus)
-    # NOTE: Pillow decodes and resizes on one thread, so a worker's torch
-    # threads would only oversubscribe the cores the forward needs.
-    worker_threads = 1
     if not forward_on_cpu:
         return _plan_gpu(cpus, decode_seconds, forward_seconds, workers, threads)
     if workers == 0 or cpus == 1 and workers is None:
         chosen = threads if threads is not None else cpus
         basis = "one core: nothing to overlap" if cpus == 1 else "num_workers = 0"
-        return LoaderPlan(0, worker_threads, chosen, 0.0, basis)
+        return LoaderPlan(0, _WORKER_THREADS, chosen, 0.0, basis)
     if decode_seconds is None or forward_seconds is None:
         w = workers if workers is not None else 1
         t = threads if threads is not None else max(1, cpus - w)
-        return LoaderPlan(w, worker_threads, t, 0.0, "not measured")
+        return LoaderPlan(w, _WORKER_THREADS, t, 0.0, "not measured")
+    return _plan_cpu(cpus, decode_seconds, forward_seconds, workers, threads)
+
+
+# NOTE: Pillow decodes and resizes on one thread, so a worker's torch threads
+# would only oversubscribe the cores the forward needs.
+_WORKER_THREADS = 1
+
+
+def _plan_cpu(
+    cpus: int,
+    decode_seconds: float,
+    forward_seconds: float,
+    workers: int | None,
+    threads: int | None,
+) -> LoaderPlan:
+    """The fastest measured (workers, threads) split of the cores."""
     best = max(
         _cpu_candidates(cpus, workers, threads),
         key=lambda wt: (
@@ -171,7 +184,7 @@ def plan_loader(
         f"{1000 * forward_seconds:.1f} ms forward (1 thread) per image; "
         f"predicted {rate:.1f} images/s"
     )
-    return LoaderPlan(best[0], worker_threads, best[1], rate, basis)
+    return LoaderPlan(best[0], _WORKER_THREADS, best[1], rate, basis)
 
 
 def _cpu_candidates(

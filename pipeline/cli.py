@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from features.errors import ConfigError, PipelineError
 from pipeline import __version__
@@ -28,6 +28,28 @@ DEFAULT_CONFIG = Path("conf.toml")
 
 def build_parser() -> argparse.ArgumentParser:
     """The `quadrant` argument parser with one sub-command per stage."""
+    parser = argparse.ArgumentParser(
+        prog="quadrant",
+        description="Transfer learning on images: CNN codes + scikit-learn, or "
+        "fine-tuning, chosen by the size and similarity of your data.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"quadrant {__version__}"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common()
+    for name in _ORDER:
+        if name in _STAGE_COMMANDS:
+            summary, handler = _STAGE_COMMANDS[name]
+            p = sub.add_parser(name, parents=[common], help=summary)
+            p.set_defaults(handler=handler)
+        else:
+            _BUILDERS[name](sub, common)
+    return parser
+
+
+def _common() -> argparse.ArgumentParser:
+    """The options every configured command takes: -c, --set, -v, -q."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "-c",
@@ -49,17 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="log debug messages"
     )
     common.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    return common
 
-    parser = argparse.ArgumentParser(
-        prog="quadrant",
-        description="Transfer learning on images: CNN codes + scikit-learn, or "
-        "fine-tuning, chosen by the size and similarity of your data.",
-    )
-    parser.add_argument(
-        "--version", action="version", version=f"quadrant {__version__}"
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _add_init(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "init", help="write a starter conf.toml (every key, commented) into DIR"
     )
@@ -67,28 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(handler=_init)
 
-    p = sub.add_parser(
-        "extract", parents=[common], help="cache CNN codes of the images"
-    )
-    p.set_defaults(handler=_extract)
 
-    p = sub.add_parser(
-        "sweep",
-        parents=[common],
-        help="probe every cached layer: CV accuracy and LogME",
-    )
-    p.set_defaults(handler=_stage("sweep"))
-
-    p = sub.add_parser(
-        "train", parents=[common], help="fit a scikit-learn classifier on cached codes"
-    )
-    p.set_defaults(handler=_stage("train"))
-
-    p = sub.add_parser(
-        "evaluate", parents=[common], help="score the trained model on the test split"
-    )
-    p.set_defaults(handler=_stage("evaluate"))
-
+def _add_finetune(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "finetune",
         parents=[common],
@@ -107,13 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_finetune)
 
-    p = sub.add_parser(
-        "export",
-        parents=[common],
-        help="write model.onnx (images in, scores out) and check it",
-    )
-    p.set_defaults(handler=_stage("export"))
 
+def _add_predict(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "predict",
         parents=[common],
@@ -132,13 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(handler=_predict)
 
-    p = sub.add_parser(
-        "advise",
-        parents=[common],
-        help="measure size and similarity, name the case (1-4)",
-    )
-    p.set_defaults(handler=_stage("advise"))
 
+def _add_run(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "run", parents=[common], help="the whole job: advise, the case's stages, report"
     )
@@ -152,9 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_run)
 
-    p = sub.add_parser("report", parents=[common], help="re-render report.html")
-    p.set_defaults(handler=_stage("report"))
 
+def _add_layers(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("layers", parents=[common], help="list a backbone's layer names")
     p.add_argument("backbone", nargs="?", help="backbone name (default: the config's)")
     p.add_argument(
@@ -165,11 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_layers)
 
+
+def _add_cache(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("cache", parents=[common], help="inspect or check a code cache")
     p.add_argument("action", choices=["info", "verify"])
     p.add_argument("file", type=Path, help="a codes-*.h5 file")
     p.set_defaults(handler=_cache)
 
+
+def _add_demo_data(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "demo-data", parents=[common], help="write a demo data set as PNGs"
     )
@@ -185,12 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.set_defaults(handler=_demo_data)
-
-    p = sub.add_parser(
-        "demo", parents=[common], help="run the main job on the embedded digits data"
-    )
-    p.set_defaults(handler=_demo)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -341,3 +326,47 @@ def _demo(args: argparse.Namespace) -> int:
     if not (args.verbose or args.quiet):
         setup_console(cfg.run.log_level)
     return commands.demo(cfg)
+
+
+# The commands in the order `quadrant --help` lists them.
+_ORDER = (
+    "init",
+    "extract",
+    "sweep",
+    "train",
+    "evaluate",
+    "finetune",
+    "export",
+    "predict",
+    "advise",
+    "run",
+    "report",
+    "layers",
+    "cache",
+    "demo-data",
+    "demo",
+)
+# Commands that take only the common options: name -> (help, handler).
+_STAGE_COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
+    "extract": ("cache CNN codes of the images", _extract),
+    "sweep": ("probe every cached layer: CV accuracy and LogME", _stage("sweep")),
+    "train": ("fit a scikit-learn classifier on cached codes", _stage("train")),
+    "evaluate": ("score the trained model on the test split", _stage("evaluate")),
+    "export": (
+        "write model.onnx (images in, scores out) and check it",
+        _stage("export"),
+    ),
+    "advise": ("measure size and similarity, name the case (1-4)", _stage("advise")),
+    "report": ("re-render report.html", _stage("report")),
+    "demo": ("run the main job on the embedded digits data", _demo),
+}
+# Commands with options of their own.
+_BUILDERS: dict[str, Callable[[Subparsers, argparse.ArgumentParser], None]] = {
+    "init": _add_init,
+    "finetune": _add_finetune,
+    "predict": _add_predict,
+    "run": _add_run,
+    "layers": _add_layers,
+    "cache": _add_cache,
+    "demo-data": _add_demo_data,
+}

@@ -267,42 +267,26 @@ def _fit_streaming(
     check_labels(read_labels(cache, split="train")[0], info.label_names)
     dims = info.datasets[f"{layer}/{pooling}"][1]
     buffer_rows = max(1024, cfg.train.buffer_mib * 2**20 // (4 * dims))
-
-    def source(holdout: bool | None) -> Any:
-        def chunks(rng: np.random.Generator | None) -> Any:
-            for X, y, groups in stream_codes(
-                cache,
-                layer,
-                pooling,
-                split="train",
-                views=cfg.train.views,
-                buffer_rows=buffer_rows,
-                rng=rng,
-            ):
-                check_finite(X, f"{layer}/{pooling}")
-                keep = np.ones(len(y), dtype=bool)
-                if holdout is not None:
-                    keep = _held_out(groups) == holdout
-                if keep.any():
-                    yield X[keep], y[keep]
-
-        return chunks
-
+    source = _ChunkSource(cache, layer, pooling, cfg.train.views, buffer_rows)
     classes = np.arange(len(info.label_names))
     trials = []
     for alpha in cfg.train.alpha:
         pipeline = build_pipeline(spec).set_params(clf__alpha=alpha)
         fit_streaming(
-            pipeline, source(False), classes, epochs=cfg.train.epochs, seed=cfg.run.seed
+            pipeline,
+            source.part(False),
+            classes,
+            epochs=cfg.train.epochs,
+            seed=cfg.run.seed,
         )
-        trials.append((alpha, _stream_accuracy(pipeline, source(True))))
+        trials.append((alpha, _stream_accuracy(pipeline, source.part(True))))
         log.info("sgd alpha=%g: held-out accuracy %.4f", alpha, trials[-1][1])
     alpha, score = max(trials, key=lambda t: t[1])
     final = build_pipeline(spec).set_params(clf__alpha=alpha)
     fit_streaming(
-        final, source(None), classes, epochs=cfg.train.epochs, seed=cfg.run.seed
+        final, source.part(None), classes, epochs=cfg.train.epochs, seed=cfg.run.seed
     )
-    probe, n = _first_rows_and_count(source(None))
+    probe, n = _first_rows_and_count(source.part(None))
     summary = {
         "best_params": {"alpha": alpha},
         "best_score": score,
@@ -314,6 +298,39 @@ def _fit_streaming(
         ],
     }
     return final, summary, probe, n
+
+
+@dataclass(frozen=True)
+class _ChunkSource:
+    """Blocks of training codes streamed from a cache, one buffer at a time."""
+
+    cache: Path
+    layer: str
+    pooling: str
+    views: str
+    buffer_rows: int
+
+    def part(self, holdout: bool | None) -> Any:
+        """`chunks(rng)`: the held-out tenth (True), the rest (False) or all."""
+
+        def chunks(rng: np.random.Generator | None) -> Any:
+            for X, y, groups in stream_codes(
+                self.cache,
+                self.layer,
+                self.pooling,
+                split="train",
+                views=self.views,
+                buffer_rows=self.buffer_rows,
+                rng=rng,
+            ):
+                check_finite(X, f"{self.layer}/{self.pooling}")
+                keep = np.ones(len(y), dtype=bool)
+                if holdout is not None:
+                    keep = _held_out(groups) == holdout
+                if keep.any():
+                    yield X[keep], y[keep]
+
+        return chunks
 
 
 def _held_out(groups: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
