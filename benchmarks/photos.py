@@ -312,7 +312,7 @@ def plain_pipeline(data: Path, cfg: Config, out: Path) -> float:
     from torchvision import datasets
     from torchvision import transforms as T
 
-    from features.backbones.registry import head_name
+    from features.backbones import head_name
 
     backbone = inputs.load_backbone(cfg)
     prep = backbone.preprocessing

@@ -30,7 +30,13 @@ from torchvision.models.feature_extraction import (
     get_graph_node_names,
 )
 
-from features.backbones import timm_backbones
+from features.backbones import (
+    is_timm_model,
+    timm_classifier_names,
+    timm_feature_extractor,
+    timm_graph_node_names,
+    timm_stage_names,
+)
 from features.errors import BackboneError
 from features.pooling import Pooling
 
@@ -63,7 +69,7 @@ def output_layout(model: nn.Module) -> OutputLayout:
 
     The default fits torchvision's vision transformers (one class token first).
     """
-    if not timm_backbones.is_timm_model(model):
+    if not is_timm_model(model):
         return OutputLayout()
     prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
     patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
@@ -175,7 +181,7 @@ def layer_names(model: nn.Module, *, all_nodes: bool = False) -> list[str]:
     nodes = _eval_nodes(model)
     if all_nodes:
         return nodes
-    stages = timm_backbones.stage_names(model) if _is_timm(model) else []
+    stages = timm_stage_names(model) if _is_timm(model) else []
     inside = [i for i, n in enumerate(nodes) if _inside(n, stages)]
     if inside:
         nodes = nodes[inside[-1] + 1 :]
@@ -191,7 +197,7 @@ def layer_names(model: nn.Module, *, all_nodes: bool = False) -> list[str]:
 
 
 def _is_timm(model: nn.Module) -> bool:
-    return timm_backbones.is_timm_model(model)
+    return is_timm_model(model)
 
 
 def _inside(node: str, modules: Sequence[str]) -> bool:
@@ -222,7 +228,7 @@ def _eval_nodes(model: nn.Module) -> list[str]:
 def _trace_nodes(model: nn.Module) -> list[str]:
     try:
         if _is_timm(model):
-            nodes = timm_backbones.graph_node_names(model)
+            nodes = timm_graph_node_names(model)
         else:
             _, nodes = get_graph_node_names(model)
     except Exception as err:  # FX tracing errors come in many types
@@ -268,7 +274,7 @@ def _timm_top(model: nn.Module, nodes: list[str], modules: dict[str, nn.Module])
     `forward_head(x, pre_logits=True)` returns. Models built without a
     classifier (DINOv2, SigLIP) keep an identity in its place.
     """
-    heads = timm_backbones.classifier_names(model)
+    heads = timm_classifier_names(model)
     first = next((i for i, n in enumerate(nodes) if _inside(n, heads)), None)
     if first is None:
         raise BackboneError(
@@ -339,7 +345,7 @@ def build_feature_extractor(
     """
     return_nodes = {node: layer for layer, node in nodes.items()}
     if _is_timm(model):
-        return timm_backbones.feature_extractor(model.eval(), return_nodes).eval()
+        return timm_feature_extractor(model.eval(), return_nodes).eval()
     extractor = create_feature_extractor(model.eval(), return_nodes=return_nodes)
     return extractor.eval()
 
@@ -385,7 +391,7 @@ def spread_layers(model: nn.Module, input_size: int, count: int = 5) -> list[str
     any backbone. For timm models the candidates are timm's feature stages:
     CNN stages, or a transformer's blocks (token outputs).
     """
-    if _is_timm(model) and (stages := timm_backbones.stage_names(model)):
+    if _is_timm(model) and (stages := timm_stage_names(model)):
         shapes = layer_shapes(model, stages, input_size)
         return _spread([n for n in stages if len(shapes[n]) in (2, 3)], count)
     modules = dict(model.named_modules())

@@ -15,7 +15,13 @@ from typing import Any
 
 from features import datasets
 from features.atomic import write_text
-from features.backbones import available_backbones, build_backbone, timm_backbones
+from features.backbones import (
+    TIMM_INSTALL,
+    available_backbones,
+    build_backbone,
+    import_timm,
+    stage_reductions,
+)
 from features.cache import read_info, verify
 from features.errors import BackboneError, CacheCorruptError, OutputError
 from features.extractor import ExtractResult
@@ -255,10 +261,10 @@ def list_backbones() -> int:
     """`quadrant layers --list`."""
     print("\n".join(available_backbones()))
     try:
-        timm = timm_backbones.import_timm()
+        timm = import_timm()
         status = f"timm {timm.__version__} installed: {len(timm.list_models())} models"
     except BackboneError:
-        status = f"timm is not installed: {timm_backbones.INSTALL}"
+        status = f"timm is not installed: {TIMM_INSTALL}"
     print(
         "timm/<model>[.<pretrained tag>] names any timm model, e.g. "
         f"timm/convnext_tiny.fb_in22k ({status})"
@@ -278,7 +284,7 @@ def layers(cfg: Config, name: str | None, *, all_nodes: bool) -> int:
         backbone.model, layer_names(backbone.model, all_nodes=all_nodes), size
     )
     top = resolve_top(backbone.model)
-    stages = timm_backbones.stage_reductions(backbone.model)
+    stages = stage_reductions(backbone.model)
     poolings = [parse_pooling(p) for p in cfg.extract.pooling]
     width = max(8, *(len(p.spec) for p in poolings))
     header = "  ".join(f"{p.spec:>{width}}" for p in poolings)

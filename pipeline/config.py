@@ -156,12 +156,17 @@ class BackboneConfig:
     def _check_name(self) -> None:
         # NOTE: imported here: reading the config module stays torch-free, and
         # timm is imported only for timm names.
-        from features.backbones import available_backbones, timm_backbones
+        from features.backbones import (
+            available_backbones,
+            check_timm_name,
+            is_timm_name,
+            suggest_timm_names,
+        )
         from features.errors import BackboneError
 
-        if timm_backbones.is_timm_name(self.name):
+        if is_timm_name(self.name):
             try:
-                timm_backbones.check_name(self.name)
+                check_timm_name(self.name)
             except BackboneError as err:
                 raise ConfigError(f"[backbone] name = {self.name!r}: {err}") from None
             return
@@ -172,7 +177,7 @@ class BackboneConfig:
                 "`quadrant layers --list` for the names, e.g. "
                 f"{[n for n in names if 'lite' in n or n.startswith('resnet')]}, "
                 "or a timm model as 'timm/<model>[.<tag>]'."
-                + timm_backbones.suggest(self.name)
+                + suggest_timm_names(self.name)
             )
 
     def preprocessing(self) -> dict[str, Any]:

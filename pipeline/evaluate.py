@@ -29,9 +29,8 @@ from features.devices import PRECISION_DTYPES, resolve_device, resolve_precision
 from features.errors import DataError
 from features.heads import Scores
 from features.transforms import eval_transform
-from pipeline import extract, plots
+from pipeline import extract, finetune, plots
 from pipeline.config import Config, config_to_dict
-from pipeline.finetune import data as finetune_data
 from pipeline.inputs import load_images
 from pipeline.layout import ModelFiles
 from pipeline.models import (
@@ -115,7 +114,7 @@ def _predict_finetuned(
     """The network's predictions on the test split's images."""
     device = resolve_device(cfg.finetune.device)
     prep = model.preprocessing
-    dataset = finetune_data.split_dataset(
+    dataset = finetune.split_dataset(
         images,
         "test",
         eval_transform(prep),
@@ -123,7 +122,7 @@ def _predict_finetuned(
         seed=cfg.run.seed,
         decoding=cfg.data.decoding.for_input(prep),
     )
-    loader = finetune_data.loader(
+    loader = finetune.loader(
         dataset,
         batch_size=cfg.finetune.batch_size,
         train=False,

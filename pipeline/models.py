@@ -30,8 +30,12 @@ import torch
 from torch import nn
 
 from features.atomic import read_json
-from features.backbones import Backbone, build_backbone, sha256_of
-from features.backbones.registry import is_weights_path
+from features.backbones import (
+    Backbone,
+    build_backbone,
+    is_weights_path,
+    sha256_of,
+)
 from features.errors import CacheMismatchError, StageInputError
 from features.extractor import CodeModel
 from features.heads import Scores, head_scores, load_head

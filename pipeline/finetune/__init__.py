@@ -9,6 +9,7 @@
 - `data`: datasets, augmentation and loaders.
 """
 
+from pipeline.finetune.data import loader, split_dataset
 from pipeline.finetune.pilot import PilotRun, pilot, pilot_budget
 from pipeline.finetune.stage import FinetuneResult, build_model, model_stamp, run
 
@@ -16,8 +17,10 @@ __all__ = [
     "FinetuneResult",
     "PilotRun",
     "build_model",
+    "loader",
     "model_stamp",
     "pilot",
     "pilot_budget",
     "run",
+    "split_dataset",
 ]

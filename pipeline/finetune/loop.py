@@ -23,7 +23,7 @@ from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from features.backbones.registry import head_name
+from features.backbones import head_name
 from features.errors import TrainingError
 from features.progress import progress_bar
 from pipeline.config import FinetuneConfig

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from features.backbones.timm_backbones import is_timm_model
+from features.backbones import is_timm_model
 from features.layers import layer_names
 from pipeline.config import FinetuneConfig
 from pipeline.models import ImageClassifier

@@ -142,7 +142,7 @@ def test_efficientnet_lite0_default_weights_are_the_real_ones() -> None:
 
 def test_a_fine_tuned_quadrant_model_serves_as_backbone(tmp_path: Path) -> None:
     from features.transforms import Preprocessing
-    from pipeline.finetune import ImageClassifier
+    from pipeline.models import ImageClassifier
 
     torch.manual_seed(0)
     net = resnet18(num_classes=5)
