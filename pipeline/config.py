@@ -73,8 +73,19 @@ AT_LEAST_2 = Interval(2, None)
 NOT_NEGATIVE = Interval(0, None)
 
 
+class _Section:
+    """A conf.toml table: its name and its declared limits, checked when made."""
+
+    NAME: ClassVar[str]
+    LIMITS: ClassVar[Limits] = {}
+    RULES: ClassVar[tuple[Rule, ...]] = ()
+
+    def __post_init__(self) -> None:
+        check_limits(f"[{self.NAME}]", self, self.LIMITS, self.RULES)
+
+
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     """Where the labelled images are and how they are split.
 
     `root` is a folder of class subfolders (optionally under train/ val/ test/)
@@ -93,6 +104,7 @@ class DataConfig:
     fingerprint: str = "stat"
     decode: str = "fast"
 
+    NAME: ClassVar[str] = "data"
     LIMITS: ClassVar[Limits] = {
         "val_fraction": FRACTION,
         "test_fraction": FRACTION,
@@ -108,9 +120,6 @@ class DataConfig:
         ),
     )
 
-    def __post_init__(self) -> None:
-        check_limits("[data]", self, self.LIMITS, self.RULES)
-
     @property
     def decoding(self) -> Decoding:
         """The decode recipe; `Decoding.for_input` sets its side per network."""
@@ -118,7 +127,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class BackboneConfig:
+class BackboneConfig(_Section):
     """Which network, which weights, and overrides of its preprocessing.
 
     `name` is a torchvision model, `efficientnet_lite0`..`4`, or a timm model
@@ -137,6 +146,7 @@ class BackboneConfig:
     std: tuple[float, ...] | None = None
     interpolation: str | None = None
 
+    NAME: ClassVar[str] = "backbone"
     LIMITS: ClassVar[Limits] = {
         "input_size": Interval(8, None),
         "resize_size": Interval(8, None),
@@ -150,7 +160,7 @@ class BackboneConfig:
     }
 
     def __post_init__(self) -> None:
-        check_limits("[backbone]", self, self.LIMITS)
+        super().__post_init__()
         self._check_name()
 
     def _check_name(self) -> None:
@@ -196,7 +206,7 @@ def _pooling_spec(spec: str) -> None:
 
 
 @dataclass(frozen=True)
-class ExtractConfig(ExtractOptions):
+class ExtractConfig(_Section, ExtractOptions):
     """How CNN codes are computed and cached: `ExtractOptions` and the layers.
 
     `layers` are names from `quadrant layers` ("top" is the input of the
@@ -210,6 +220,7 @@ class ExtractConfig(ExtractOptions):
     pooling: tuple[str, ...] = ("avg",)
     cache_dir: Path | None = None
 
+    NAME: ClassVar[str] = "extract"
     LIMITS: ClassVar[Limits] = {
         "layers": Unique(
             Each(
@@ -228,12 +239,9 @@ class ExtractConfig(ExtractOptions):
         **ExtractOptions.LIMITS,
     }
 
-    def __post_init__(self) -> None:
-        check_limits("[extract]", self, self.LIMITS)
-
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """A scikit-learn classifier on cached codes (the codes path, cases 1-2).
 
     `layer` is a layer of extract.layers, or "best" for the layer the sweep
@@ -260,6 +268,7 @@ class TrainConfig:
     buffer_mib: int = 256
     codes: Path | None = None
 
+    NAME: ClassVar[str] = "train"
     LIMITS: ClassVar[Limits] = {
         "classifier": OneOf(CLASSIFIERS),
         "pooling": Parses(_pooling_spec, "mean"),
@@ -296,12 +305,9 @@ class TrainConfig:
         "buffer_mib": AT_LEAST_1,
     }
 
-    def __post_init__(self) -> None:
-        check_limits("[train]", self, self.LIMITS)
-
 
 @dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(_Section):
     """The layer sweep: a linear probe and LogME for every cached layer.
 
     `max_images` caps the training images the probe sees (a stratified,
@@ -312,18 +318,16 @@ class SweepConfig:
     C: float = 1.0
     max_images: int = 5000
 
+    NAME: ClassVar[str] = "sweep"
     LIMITS: ClassVar[Limits] = {
         "cv_folds": AT_LEAST_2,
         "C": POSITIVE,
         "max_images": Interval(10, None),
     }
 
-    def __post_init__(self) -> None:
-        check_limits("[sweep]", self, self.LIMITS)
-
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(_Section):
     """Full fine-tuning of the backbone with a new head (cases 3 and 4).
 
     `init` "pretrained" starts from backbone.weights, "scratch" from random
@@ -361,6 +365,7 @@ class FinetuneConfig:
     num_workers: int = -1
     deterministic: bool = False
 
+    NAME: ClassVar[str] = "finetune"
     LIMITS: ClassVar[Limits] = {
         "epochs": AT_LEAST_1,
         "init": OneOf(INITS),
@@ -392,12 +397,9 @@ class FinetuneConfig:
         ),
     )
 
-    def __post_init__(self) -> None:
-        check_limits("[finetune]", self, self.LIMITS, self.RULES)
-
 
 @dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(_Section):
     """One ONNX file: images in, class scores and the label index out.
 
     Every export is checked (onnx.checker, then onnxruntime against the
@@ -418,6 +420,7 @@ class ExportConfig:
     atol: float = 1e-4
     rtol: float = 1e-4
 
+    NAME: ClassVar[str] = "export"
     LIMITS: ClassVar[Limits] = {
         "opset": Interval(13, 21, what="an integer"),
         "input_dtype": OneOf(INPUT_DTYPES),
@@ -428,12 +431,9 @@ class ExportConfig:
         "rtol": NOT_NEGATIVE,
     }
 
-    def __post_init__(self) -> None:
-        check_limits("[export]", self, self.LIMITS)
-
 
 @dataclass(frozen=True)
-class AdviseConfig:
+class AdviseConfig(_Section):
     """How the advisor measures size and similarity (docs/advisor.md).
 
     Similarity: every probed layer is scored by a linear probe on the same
@@ -460,6 +460,7 @@ class AdviseConfig:
     pilot_share: float = 0.25
     pilot_points: int = 4
 
+    NAME: ClassVar[str] = "advise"
     LIMITS: ClassVar[Limits] = {
         "top_margin": FRACTION,
         "sample": AT_LEAST_1,
@@ -474,12 +475,9 @@ class AdviseConfig:
         "pilot_points": AT_LEAST_2,
     }
 
-    def __post_init__(self) -> None:
-        check_limits("[advise]", self, self.LIMITS)
-
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Section):
     """Where a run writes, which case it runs and how it talks.
 
     `model` picks the trained model that evaluate, export and report work on:
@@ -494,6 +492,7 @@ class RunConfig:
     progress: bool = True
     log_level: str = "info"
 
+    NAME: ClassVar[str] = "run"
     LIMITS: ClassVar[Limits] = {
         "strategy": OneOf(tuple(STRATEGIES)),
         "model": OneOf(MODEL_CHOICES),
@@ -503,7 +502,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", str(self.strategy))
-        check_limits("[run]", self, self.LIMITS)
+        super().__post_init__()
 
     @property
     def case(self) -> int | None:
@@ -538,16 +537,20 @@ class Config:
         return RunLayout.of(self.run.out, self.cache_dir)
 
 
-SECTIONS: dict[str, type] = {
-    "data": DataConfig,
-    "backbone": BackboneConfig,
-    "extract": ExtractConfig,
-    "sweep": SweepConfig,
-    "train": TrainConfig,
-    "finetune": FinetuneConfig,
-    "export": ExportConfig,
-    "advise": AdviseConfig,
-    "run": RunConfig,
+# The tables of conf.toml, in the order config.toml is written.
+SECTIONS: dict[str, type[_Section]] = {
+    cls.NAME: cls
+    for cls in (
+        DataConfig,
+        BackboneConfig,
+        ExtractConfig,
+        SweepConfig,
+        TrainConfig,
+        FinetuneConfig,
+        ExportConfig,
+        AdviseConfig,
+        RunConfig,
+    )
 }
 
 
