@@ -194,6 +194,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="image file side")
     parser.add_argument("--format", default="jpeg", choices=["jpeg", "png"])
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--only-throughput",
+        action="store_true",
+        help="bare forward and end-to-end only (quick; e.g. for versions.py)",
+    )
     parser.add_argument("--memory-probe", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
@@ -221,6 +226,8 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         rate, seconds = end_to_end(cfg)
         e2e.append(rate)
         secs.append(seconds)
+        if args.only_throughput:
+            continue
         naive.append(naive_forward(cfg, min(args.images, 4 * args.batch)))
         ort_cfg = config(args, data, tmp / f"ort{i}", "extract.engine='onnxruntime'")
         # The engine's one-off export is not part of the rate: export it once
@@ -238,9 +245,12 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
                 args, data, tmp / f"w{workers}-{i}", f"extract.num_workers={workers}"
             )
             rates.append(end_to_end(cfg)[0])
-    b, e, n = statistics.median(bare), statistics.median(e2e), statistics.median(naive)
+    b, e = statistics.median(bare), statistics.median(e2e)
     print(f"bare forward (same code model)   {b:8.1f} img/s")
     print(f"end-to-end files -> HDF5          {e:8.1f} img/s   ratio {e / b:.2f}x")
+    if args.only_throughput:
+        return
+    n = statistics.median(naive)
     print(
         f"naive forward (plain fp32 model)  {n:8.1f} img/s   quadrant e2e / naive "
         f"{e / n:.2f}x"

@@ -65,7 +65,8 @@ def quadrant_epoch(data: Path, out: Path, args: argparse.Namespace) -> float:
         "finetune.precision=fp32",
     )
     finetune.run(cfg, restart=True)
-    history = json.loads((out / "finetune.json").read_text())["epochs"]
+    record = cfg.layout.model("finetune").history_json
+    history = json.loads(record.read_text())["epochs"]
     return float(history[0]["train_images_per_second"])
 
 
