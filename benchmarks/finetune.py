@@ -7,11 +7,16 @@
    interleaved in one run;
 2. accuracy (`--accuracy`): Fashion-MNIST, all 60k training images,
    EfficientNet-Lite0 pretrained vs from scratch for a few epochs, test
-   accuracy on the official 10k, with the wall time.
+   accuracy on the official 10k, with the wall time;
+3. recipes (`--recipes`): scikit-learn's digits, EfficientNet-Lite0, 10
+   epochs, by input size, head (probe or random), BatchNorm (frozen or
+   updated), augmentation and learning rate: test accuracy and time (the
+   table of docs/finetune.md).
 
 Usage:
     python benchmarks/finetune.py --work /tmp/qft --throughput
     python benchmarks/finetune.py --work /tmp/qft --accuracy --epochs 3 --size 32
+    python benchmarks/finetune.py --work /tmp/qft --recipes
 """
 
 from __future__ import annotations
@@ -164,11 +169,66 @@ def accuracy(args: argparse.Namespace) -> None:
         )
 
 
+# The recipe table of docs/finetune.md: (input size, head, BatchNorm,
+# augmentation, lr) on the digits.
+RECIPES = [
+    (32, "probe", "train", "standard", 1e-3),
+    (32, "probe", "train", "none", 1e-3),
+    (32, "probe", "frozen", "none", 1e-3),
+    (32, "random", "frozen", "none", 1e-3),
+    (32, "probe", "frozen", "standard", 1e-3),
+    (32, "probe", "frozen", "none", 3e-4),
+    (64, "probe", "frozen", "none", 1e-3),
+]
+
+
+def recipes(args: argparse.Namespace) -> None:
+    """Fine-tuning recipes on scikit-learn's digits: test accuracy and time."""
+    from features.datasets import write_digits
+
+    data = args.work / "digits"
+    if not data.exists():
+        write_digits(data)
+    print(
+        "| input | head | BatchNorm | augmentation | lr | test accuracy | "
+        "fine-tune time |\n|---|---|---|---|---|---|---|"
+    )
+    for size, head, bn, augment, lr in RECIPES:
+        out = args.work / f"recipe-{size}-{head}-{bn}-{augment}-{lr:g}"
+        cfg = load_config(
+            None,
+            [
+                f"data.root='{data}'",
+                f"run.out='{out}'",
+                f"backbone.name='{args.backbone}'",
+                f"finetune.input_size={size}",
+                f"finetune.head_init={head}",
+                f"finetune.batchnorm={bn}",
+                f"finetune.augment={augment}",
+                f"finetune.lr={lr}",
+                "finetune.epochs=10",
+                "run.progress=false",
+            ],
+        )
+        start = time.perf_counter()
+        finetune.run(cfg, restart=True)
+        seconds = time.perf_counter() - start
+        test = evaluate.run(cfg)
+        print(
+            f"| {size} px | {head} | {bn} | {augment} | {lr:g} | "
+            f"{test.accuracy:.3f} | {seconds:.0f} s |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--accuracy", action="store_true")
+    parser.add_argument(
+        "--recipes", action="store_true", help="the recipe table on the digits"
+    )
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
@@ -184,6 +244,8 @@ def main() -> None:
         throughput(args)
     if args.accuracy:
         accuracy(args)
+    if args.recipes:
+        recipes(args)
 
 
 if __name__ == "__main__":

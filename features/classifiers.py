@@ -8,7 +8,7 @@ persistence, skl2onnx conversion) works on it unchanged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,7 +102,7 @@ def _pca(spec: ClassifierSpec) -> PCA:
 
 
 def param_grid(
-    classifier: str, grids: dict[str, Sequence[Any]]
+    classifier: str, grids: Mapping[str, Sequence[Any]]
 ) -> dict[str, list[Any]]:
     """The GridSearchCV grid for `classifier` from the `[train]` grids."""
     return {f"clf__{key}": list(grids[key]) for key in GRID_KEYS[classifier]}

@@ -350,6 +350,36 @@ def build_feature_extractor(
     return extractor.eval()
 
 
+def parameters_before(model: nn.Module, layer: str) -> list[str]:
+    """Names of the parameters whose modules run before `layer` ("top" or a name).
+
+    A module runs before the layer when its first graph node comes before
+    the layer's first node: freezing these leaves `layer` and everything
+    after it to train (partial fine-tuning).
+
+    Raises:
+        BackboneError: the layer is not in the network, with close matches.
+    """
+    node = resolve_layers(model, [layer])[layer]
+    graph = _eval_nodes(model)
+
+    def first(name: str) -> int | None:
+        return next(
+            (i for i, n in enumerate(graph) if n == name or n.startswith(name + ".")),
+            None,
+        )
+
+    start = first(node)
+    assert start is not None  # resolve_layers found it in the graph
+    frozen = []
+    for name, _ in model.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        position = first(module)
+        if position is not None and position < start:
+            frozen.append(name)
+    return frozen
+
+
 @torch.no_grad()
 def layer_shapes(
     model: nn.Module, layers: Sequence[str], input_size: int

@@ -33,8 +33,14 @@ TRAIN_VIEWS = ("first", "all")
 
 # [finetune]
 INITS = ("pretrained", "scratch")
+# The new head: "probe" starts it from a linear probe on the top-layer codes
+# (LP-FT), "random" from the usual initialisation, "auto" probe when pretrained.
+HEAD_INITS = ("auto", "probe", "random")
 OPTIMIZERS = ("adamw", "sgd")
-AUGMENTS = ("standard", "trivialaugment", "none")
+AUGMENTS = ("auto", "standard", "trivialaugment", "none")
+# BatchNorm statistics while fine-tuning: updated ("train") or kept from the
+# pretrained network ("frozen"); "auto": frozen with a probe head (LP-FT).
+BATCHNORMS = ("auto", "train", "frozen")
 MONITORS = ("accuracy", "balanced_accuracy", "loss")
 LR_SCALINGS = ("none", "linear")
 

@@ -9,12 +9,14 @@
 - `data`: datasets, augmentation and loaders.
 """
 
+from pipeline.finetune.cost import StepRate, step_rate
 from pipeline.finetune.data import loader, split_dataset
 from pipeline.finetune.pilot import PilotRun, pilot, pilot_budget
 from pipeline.finetune.stage import FinetuneResult, build_model, model_stamp, run
 
 __all__ = [
     "FinetuneResult",
+    "StepRate",
     "PilotRun",
     "build_model",
     "loader",
@@ -23,4 +25,5 @@ __all__ = [
     "pilot_budget",
     "run",
     "split_dataset",
+    "step_rate",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torchvision.transforms import v2 as T
 from features.data import ImageSet
 from features.devices import default_workers
 from features.errors import ImageDecodeError
+from features.images import probe_image
 from features.settings import TRAIN_CROP_SCALE, Decoding
 from features.transforms import INTERPOLATION_MODES, Preprocessing, eval_transform
 from pipeline.config import Config
@@ -54,6 +56,46 @@ def train_transform(
         steps.append(T.TrivialAugmentWide(interpolation=mode))
     steps.append(T.PILToTensor())
     return T.Compose(steps)
+
+
+# Training images whose headers are read to tell whether they are small.
+_SIZE_SAMPLE = 64
+
+
+def resolve_augment(
+    augment: str, images: ImageSet, prep: Preprocessing, *, log_it: bool = True
+) -> str:
+    """`finetune.augment`, with "auto" decided from the training images' size.
+
+    "auto" is "none" when the images are small for the input (the median
+    shorter side of a sample of training images is under half the input
+    size: they are upscaled, and random crops and flips of an upscaled 8x8
+    digit or 28x28 glyph cut away or mirror what tells the classes apart),
+    else "standard".
+
+    NOTE: on the digits at 32 px, "standard" gave 0.891 test accuracy and
+    "none" 0.992 (LP-FT, frozen BatchNorm; docs/benchmarks.md).
+    """
+    if augment != "auto":
+        return augment
+    train = [r for r in images.records if r.split == "train"]
+    step = max(1, len(train) // _SIZE_SAMPLE)
+    sides = []
+    for record in train[::step][:_SIZE_SAMPLE]:
+        try:
+            sides.append(min(probe_image(images.absolute(record))))
+        except ImageDecodeError:
+            continue
+    small = bool(sides) and statistics.median(sides) < prep.input_size / 2
+    chosen = "none" if small else "standard"
+    if log_it:
+        log.info(
+            "finetune.augment = 'auto': %s (median shorter side %s px, input %d px)",
+            chosen,
+            f"{statistics.median(sides):.0f}" if sides else "unknown",
+            prep.input_size,
+        )
+    return chosen
 
 
 def train_decoding(decoding: Decoding, prep: Preprocessing, augment: str) -> Decoding:
@@ -218,13 +260,14 @@ def loaders(
     """The training loader (this rank's share, augmented) and the validation one."""
     ft, decoding = cfg.finetune, cfg.data.decoding
     workers = ft.num_workers if ft.num_workers >= 0 else default_workers(device)
+    augment = resolve_augment(ft.augment, images, prep, log_it=rank == 0)
     train = split_dataset(
         images,
         "train",
-        train_transform(prep, ft.augment),
+        train_transform(prep, augment),
         prep=prep,
         seed=cfg.run.seed,
-        decoding=train_decoding(decoding, prep, ft.augment),
+        decoding=train_decoding(decoding, prep, augment),
     )
     val = split_dataset(
         images,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from features.backbones import head_name
 from features.errors import TrainingError
+from features.layers import parameters_before
 from features.progress import progress_bar
 from pipeline.config import FinetuneConfig
 from pipeline.finetune.checkpoints import (
@@ -102,6 +103,8 @@ class Trainer:
     keepers: Keepers
     progress: bool = True
     epoch: int = 0
+    deadline: float | None = None  # time.monotonic() by which training must end
+    out_of_time: bool = False  # the deadline stopped it before its last epoch
     _criterion: nn.Module = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -114,9 +117,13 @@ class Trainer:
         batch would exceed it; an epoch cut short is not checkpointed (a
         checkpoint always holds whole epochs, so a resume is exact).
         """
+        last = 0.0
         while self.epoch < self.ft.epochs:
             if budget is not None and not budget.fits(self.ft.batch_size):
                 return False
+            if self._no_time_for(last):
+                return False
+            start = time.monotonic()
             train = self.train_one_epoch(budget=budget)
             if budget is not None and budget.cut:
                 return False
@@ -124,7 +131,25 @@ class Trainer:
             self.epoch += 1
             if self._end_epoch(train, val):
                 return True
+            last = time.monotonic() - start
         return False
+
+    def _no_time_for(self, epoch_seconds: float) -> bool:
+        """Whether another epoch like the last would end after the deadline
+        (the first epoch always runs); says so when it stops the run."""
+        if self.deadline is None or not epoch_seconds:
+            return False
+        if time.monotonic() + epoch_seconds <= self.deadline:
+            return False
+        self.out_of_time = True
+        log.warning(
+            "run.budget: stopped after epoch %d of %d, since the next (about %.0f "
+            "s) would end after the budget; the model is the best epoch so far",
+            self.epoch,
+            self.ft.epochs,
+            epoch_seconds,
+        )
+        return True
 
     def _end_epoch(self, train: dict[str, float], val: dict[str, float]) -> bool:
         stop = False
@@ -145,10 +170,10 @@ class Trainer:
         train_loader = self.loaders[0]
         train_loader.sampler.set_epoch(self.epoch)
         train_loader.dataset.epoch = self.epoch
-        self.model.train()
         sums = _Sums()
         freeze = frozen_body(self.model) if head_only else contextlib.nullcontext()
         with freeze, _epoch_bar(self, head_only) as bar:
+            self.train_mode(head_only)
             for i, (images, labels, _) in enumerate(train_loader):
                 if len(labels) == 0:
                     continue
@@ -189,6 +214,14 @@ class Trainer:
             self.optim.backward(loss)
         _check_finite(loss, self.epoch)
         return logits.detach(), loss.detach()
+
+    def train_mode(self, head_only: bool) -> None:
+        """The model in training mode, BatchNorm statistics kept where they stay."""
+        training_mode(
+            self.model,
+            head_only=head_only,
+            frozen_statistics=self.ft.frozen_batchnorm,
+        )
 
     def validate(self) -> dict[str, float]:
         """Loss, accuracy and balanced accuracy on the validation split."""
@@ -305,9 +338,16 @@ def _body_batchnorms(model: ImageClassifier) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def frozen_body(model: ImageClassifier) -> Iterator[None]:
-    """Train the head alone: body parameters frozen, body BatchNorm in eval mode."""
+    """Train the head alone: body parameters frozen, body BatchNorm in eval mode.
+
+    Parameters frozen for good (`freeze_before`) stay frozen afterwards.
+    """
     head = head_name(model.net)
-    body = [p for n, p in model.net.named_parameters() if not n.startswith(head + ".")]
+    body = [
+        p
+        for n, p in model.net.named_parameters()
+        if not n.startswith(head + ".") and p.requires_grad
+    ]
     for p in body:
         p.requires_grad_(False)
     for module in _body_batchnorms(model):
@@ -319,13 +359,52 @@ def frozen_body(model: ImageClassifier) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def back_to_training(model: ImageClassifier, *, head_only: bool) -> None:
-    """Training mode after a mid-epoch validation; a frozen body's BatchNorm
-    stays in eval mode."""
+def freeze_before(net: nn.Module, layer: str) -> list[str]:
+    """Freeze every parameter that runs before `layer`; return their names.
+
+    The frozen layers get no gradient (so nothing backpropagates through
+    them), are left out of the optimiser, and their BatchNorm layers keep
+    their statistics (`training_mode` puts them in eval mode).
+
+    Raises:
+        BackboneError: `layer` is not in the network.
+    """
+    names = set(parameters_before(net, layer))
+    for name, param in net.named_parameters():
+        if name in names:
+            param.requires_grad_(False)
+    return sorted(names)
+
+
+def _batchnorms(model: ImageClassifier) -> Iterator[nn.Module]:
+    for module in model.net.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            yield module
+
+
+def _frozen_batchnorms(model: ImageClassifier) -> Iterator[nn.Module]:
+    """BatchNorm layers whose parameters do not train (a frozen prefix)."""
+    for module in _batchnorms(model):
+        params = list(module.parameters(recurse=False))
+        if params and not any(p.requires_grad for p in params):
+            yield module
+
+
+def training_mode(
+    model: ImageClassifier, *, head_only: bool, frozen_statistics: bool = False
+) -> None:
+    """Training mode, with BatchNorm in eval mode where its statistics stay:
+    the body's during head-only epochs, a frozen prefix's (`freeze_before`),
+    and every layer's with `frozen_statistics` (finetune.batchnorm)."""
     model.train()
-    if head_only:
-        for module in _body_batchnorms(model):
-            module.eval()
+    if frozen_statistics:
+        frozen: Iterable[nn.Module] = _batchnorms(model)
+    elif head_only:
+        frozen = _body_batchnorms(model)
+    else:
+        frozen = _frozen_batchnorms(model)
+    for module in frozen:
+        module.eval()
 
 
 @torch.inference_mode()

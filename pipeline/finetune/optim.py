@@ -45,7 +45,9 @@ def param_groups(
         return _timm_param_groups(
             net, lr=lr, layer_decay=layer_decay, weight_decay=weight_decay
         )
-    names = [n for n, _ in net.named_parameters()]
+    # NOTE: a frozen prefix (finetune.train_from) is left out of the optimiser.
+    trained = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    names = [n for n, _ in trained]
     # Only layers that own parameters count: relu or pooling add no depth.
     layers = [
         layer
@@ -54,7 +56,7 @@ def param_groups(
     ]
     depth = {name: i for i, name in enumerate(layers)}
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, param in net.named_parameters():
+    for name, param in trained:
         layer = _layer_of(name, depth)
         decay = param.ndim > 1  # no decay on biases and norm scales
         scale = layer_decay ** (len(layers) - 1 - layer)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.finetune.loop import Dist, back_to_training
+from pipeline.finetune.loop import Dist
 from pipeline.finetune.stage import prepare
 from pipeline.models import predict_batches
 
@@ -44,6 +44,9 @@ class Budget:
     curve: list[tuple[int, float]] = field(default_factory=list)
     cut: bool = False
     passed: int = 0
+    timed_images: int = 0
+    timed_seconds: float = 0.0
+    _last: float | None = None
 
     def fits(self, batch: int) -> bool:
         """Whether a batch of `batch` images stays within the budget."""
@@ -67,6 +70,11 @@ class Budget:
     def record(self, batch: int, trainer: Any, *, head_only: bool) -> None:
         """Count a trained batch; validate mid-epoch at each point passed."""
         self.used += batch
+        now = time.perf_counter()
+        if self._last is not None:  # the first batch also waited for the loader
+            self.timed_images += batch
+            self.timed_seconds += now - self._last
+        self._last = now
         if not self.next_point():
             return
         accuracy = trainer.validate()["accuracy"]
@@ -78,7 +86,8 @@ class Budget:
             self.images,
             accuracy,
         )
-        back_to_training(trainer.model, head_only=head_only)
+        trainer.train_mode(head_only)
+        self._last = time.perf_counter()  # the validation's time is not training's
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,8 @@ class PilotRun:
         resumable: it ended on an epoch boundary with a checkpoint the full
             fine-tune can continue.
         warmup: training images in the learning-rate warm-up.
+        images_per_second: training images per second, data loading
+            included, validation excluded (the unit cost of the full run).
     """
 
     init: str
@@ -112,6 +123,8 @@ class PilotRun:
     seconds: float
     resumable: bool
     warmup: int = 0
+
+    images_per_second: float = 0.0
 
     @property
     def accuracy(self) -> float:
@@ -161,6 +174,7 @@ def pilot(cfg: Config, *, share: float, points: int) -> PilotRun:
         time.perf_counter() - start,
         not budget.cut and trainer.epoch >= 1,
         round(ft.warmup_epochs * per_epoch),
+        budget.timed_images / budget.timed_seconds if budget.timed_seconds else 0.0,
     )
 
 

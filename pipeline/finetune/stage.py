@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from features.atomic import staged_folder, write_json
-from features.backbones import build_backbone, sha256_of
+from features.backbones import Backbone, build_backbone, sha256_of
 from features.data import ImageSet
 from features.devices import PRECISION_DTYPES, resolve_device, resolve_precision
 from features.errors import DataError, TrainingError
@@ -43,7 +43,14 @@ from pipeline.finetune.checkpoints import (
     EarlyStopping,
     History,
 )
-from pipeline.finetune.loop import Dist, Keepers, Trainer, channels_last
+from pipeline.finetune.head import ProbeHead, init_from_probe
+from pipeline.finetune.loop import (
+    Dist,
+    Keepers,
+    Trainer,
+    channels_last,
+    freeze_before,
+)
 from pipeline.finetune.optim import Optimization
 from pipeline.inputs import load_images, preprocessing_overrides
 from pipeline.layout import ModelFiles
@@ -65,6 +72,7 @@ class FinetuneResult:
     stopped_early: bool
     seconds: float
     effective_batch: int
+    out_of_time: bool = False  # run.budget stopped it before its last epoch
 
 
 @dataclass(frozen=True)
@@ -76,9 +84,16 @@ class Prepared:
     settings: str  # the model stamp
     identity: dict[str, Any]
     trainer: Trainer
+    head: ProbeHead | None = None  # LP-FT's probe; None for a random head
 
 
-def run(cfg: Config, *, resume: bool = False, restart: bool = False) -> FinetuneResult:
+def run(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    restart: bool = False,
+    deadline: float | None = None,
+) -> FinetuneResult:
     """Fine-tune the configured backbone on the training split; publish the model.
 
     Args:
@@ -86,6 +101,8 @@ def run(cfg: Config, *, resume: bool = False, restart: bool = False) -> Finetune
         resume: continue from `<run.out>/finetune/last.pt` exactly (model,
             optimizer, scheduler, scaler, epoch and RNG states).
         restart: discard an existing checkpoint and start over.
+        deadline: a `time.monotonic()` time: no epoch starts that would end
+            after it (the model is then the best epoch so far).
 
     Raises:
         DataError: fewer than two training images per process, a class
@@ -98,6 +115,7 @@ def run(cfg: Config, *, resume: bool = False, restart: bool = False) -> Finetune
     world = _init_distributed()
     prepared = prepare(cfg, world, resume=resume, restart=restart)
     cfg, trainer = prepared.cfg, prepared.trainer
+    trainer.deadline = deadline
     try:
         stopped = trainer.fit()
     except torch.cuda.OutOfMemoryError as err:
@@ -122,6 +140,7 @@ def run(cfg: Config, *, resume: bool = False, restart: bool = False) -> Finetune
         stopped,
         time.perf_counter() - start,
         _effective_batch(cfg.finetune, world),
+        trainer.out_of_time,
     )
 
 
@@ -138,16 +157,21 @@ def prepare(cfg: Config, world: Dist, *, resume: bool, restart: bool) -> Prepare
     images = load_images(cfg)
     settings = model_stamp(cfg, images)
     cfg = _fitting_batch(cfg, images, world)
-    model, prep, identity = build_model(cfg, len(images.label_names), device)
+    backbone, model, identity = _build(cfg, len(images.label_names), device)
+    CheckpointSaver(cfg.layout.checkpoint, identity, images.label_names).check_unasked(
+        resume=resume, restart=restart
+    )
+    head = None
+    if cfg.finetune.probe_head and not resume:
+        head = init_from_probe(cfg, backbone, images, seed=cfg.run.seed)
+    prep = backbone.preprocessing
     trainer = _trainer(cfg, model, prep, images, identity, device, world)
-    keepers = trainer.keepers
-    keepers.saver.check_unasked(resume=resume, restart=restart)
     if resume:
-        keepers.restore(trainer)
-        log.info("resumed from %s after epoch %d", keepers.saver.path, trainer.epoch)
+        trainer.keepers.restore(trainer)
+        log.info("resumed from %s after epoch %d", cfg.layout.checkpoint, trainer.epoch)
     if world.main:
         write_json(cfg.layout.finetune_stamp, {"stamp": settings})
-    return Prepared(cfg, images, settings, identity, trainer)
+    return Prepared(cfg, images, settings, identity, trainer, head)
 
 
 def model_stamp(cfg: Config, images: ImageSet) -> str:
@@ -225,26 +249,59 @@ def _fitting_batch(cfg: Config, images: ImageSet, world: Dist) -> Config:
 def build_model(
     cfg: Config, num_classes: int, device: torch.device
 ) -> tuple[ImageClassifier, Preprocessing, dict[str, Any]]:
-    """The backbone with a new head of `num_classes`, pretrained or from scratch."""
-    b = cfg.backbone
-    weights = b.weights if cfg.finetune.init == "pretrained" else "random"
+    """The backbone with a new head of `num_classes`, pretrained or from scratch.
+
+    At `finetune.input_size` when set; with every layer before
+    `finetune.train_from` frozen (no gradients, BatchNorm statistics kept).
+
+    Raises:
+        BackboneError: `finetune.train_from` is not a layer of the network.
+    """
+    backbone, model, identity = _build(cfg, num_classes, device)
+    return model, backbone.preprocessing, identity
+
+
+def _build(
+    cfg: Config, num_classes: int, device: torch.device
+) -> tuple[Backbone, ImageClassifier, dict[str, Any]]:
+    b, ft = cfg.backbone, cfg.finetune
+    weights = b.weights if ft.init == "pretrained" else "random"
     backbone = build_backbone(
         b.name,
         weights,
         seed=cfg.run.seed,
-        preprocessing=preprocessing_overrides(cfg),
+        preprocessing=finetune_preprocessing(cfg),
         num_classes=num_classes,
     )
     for module in backbone.model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.momentum = cfg.finetune.bn_momentum
+            module.momentum = ft.bn_momentum
+    if ft.train_from is not None:
+        freeze_before(backbone.model, ft.train_from)
     model = ImageClassifier(backbone.model, backbone.preprocessing).to(device)
     identity = {
         "backbone": backbone.identity() | {"num_classes": num_classes},
-        "init": cfg.finetune.init,
+        "init": ft.init,
         "preprocessing": backbone.preprocessing.as_dict(),
     }
-    return model, backbone.preprocessing, identity
+    return backbone, model, identity
+
+
+def finetune_preprocessing(cfg: Config) -> dict[str, Any]:
+    """The preprocessing overrides of the fine-tune: `[backbone]`'s, at
+    `finetune.input_size` when set.
+
+    The resize keeps the backbone's resize/crop ratio (the one `[backbone]`
+    sets when it gives both sizes, else the backbone's own).
+    """
+    overrides = preprocessing_overrides(cfg)
+    size, b = cfg.finetune.input_size, cfg.backbone
+    if size is None:
+        return overrides
+    resize = None
+    if b.input_size is not None and b.resize_size is not None:
+        resize = round(size * b.resize_size / b.input_size)
+    return {**overrides, "input_size": size, "resize_size": resize}
 
 
 def _trainer(
@@ -275,6 +332,7 @@ def _trainer(
     )
     if world.main:
         _log_batch(ft, world, optim.lr)
+        _warn_frozen_statistics(ft)
     return Trainer(
         ft,
         model,
@@ -314,6 +372,25 @@ def _wrapped(
     if ft.compile:
         wrapped = torch.compile(wrapped)  # type: ignore[assignment]
     return wrapped
+
+
+# Above this peak learning rate AdamW moved the weights of a network whose
+# BatchNorm statistics were frozen until its features collapsed (Lite0 on
+# 81 Fashion-MNIST images at 32 px: validation at chance with 2e-3, 1.0 with
+# 1e-3 or 2e-4).
+_FROZEN_STATISTICS_LR = 1e-3
+
+
+def _warn_frozen_statistics(ft: FinetuneConfig) -> None:
+    if ft.frozen_batchnorm and ft.lr > _FROZEN_STATISTICS_LR:
+        log.warning(
+            "finetune.lr = %g with frozen BatchNorm statistics (finetune.batchnorm "
+            "= %r): above %g the features collapsed in our measurements; lower the "
+            "learning rate, or set finetune.batchnorm = 'train'",
+            ft.lr,
+            ft.batchnorm,
+            _FROZEN_STATISTICS_LR,
+        )
 
 
 def _effective_batch(ft: FinetuneConfig, world: Dist) -> int:
@@ -370,6 +447,9 @@ def publish(prepared: Prepared, stopped: bool) -> ModelFiles:
                 "monitor": cfg.finetune.monitor,
                 "best_value": best.value,
                 "stopped_early": stopped,
+                "out_of_time": prepared.trainer.out_of_time,
+                "head": "probe" if cfg.finetune.probe_head else "random",
+                "probe": asdict(prepared.head) if prepared.head else None,
             },
         )
         write_json(files.record, record)

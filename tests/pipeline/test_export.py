@@ -100,6 +100,29 @@ def test_finetuned_export_matches_the_network(
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)  # softmax
 
 
+def test_a_fine_tune_at_another_input_size_exports_at_that_size(
+    tmp_path: Path, image_folder: Path
+) -> None:
+    from tests.pipeline.finetune.conftest import config
+
+    cfg = config(
+        image_folder,
+        tmp_path / "run",
+        "finetune.epochs=1",
+        "finetune.batch_size=4",
+        "finetune.input_size=48",
+        "export.parity_images=8",
+    )
+    finetune.run(cfg)
+    result = export.run(cfg)  # the parity check ran at 48 px
+    assert result.parity_images == 8 and result.max_abs_diff < 1e-4
+    meta = session(result.path).get_modelmeta().custom_metadata_map
+    assert json.loads(meta["preprocessing"])["input_size"] == 48
+    assert json.loads(meta["input"])["shape"] == ["batch", 3, 48, 48]
+    evaluation = evaluate.run(cfg)  # and evaluation feeds it 48 px
+    assert evaluation.n_test > 0
+
+
 @pytest.mark.parametrize(
     "backbone, layers, pooling",
     [

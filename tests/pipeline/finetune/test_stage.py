@@ -40,7 +40,6 @@ def test_finetune_learns_and_evaluates(fashion: Path, tmp_path: Path) -> None:
             "finetune.epochs=4",
             "finetune.batch_size=9",
             "finetune.num_workers=0",
-            "finetune.lr=0.002",
             "finetune.warmup_epochs=0.5",
             "run.progress=false",
         ],
