@@ -5,7 +5,9 @@ A controlled experiment in the manner of Yosinski et al. (2014):
 - source network: a ResNet-18 trained from scratch (quadrant finetune) on
   Fashion-MNIST classes 0-4 (t-shirt/top, trouser, pullover, dress, coat);
 - targets, each at a small size (`--small` images per class), a medium size
-  (`--medium`, source backbone only) and a large size (`--large`):
+  (`--medium`, source backbone only), a large size (`--large`) and a huge one
+  (`--huge`: all 6,000 Fashion-MNIST training images per class, and as many
+  glyphs), where fine-tuning should win:
   (a) similar: Fashion-MNIST classes 5-9 (sandal, shirt, sneaker, bag, ankle
       boot): the same kind of images, other classes;
   (b) different: "glyphs": the letters A-E rendered from 21 fonts that ship
@@ -15,11 +17,17 @@ A controlled experiment in the manner of Yosinski et al. (2014):
 - in every cell and seed, every strategy: (1) logistic regression on the
   top-layer codes, (2) logistic regression or RBF SVM (chosen by CV) on the
   best earlier layer (chosen by CV), (3) fine-tuning from the pretrained
-  weights, (4) training from scratch; test accuracy on a fixed test set per
-  target, and the cost of each;
-- `quadrant run` with `run.strategy = "auto"` in every cell and seed: the
-  advisor's case, its intervals and pilot, the strategy it runs, its test
-  accuracy and its whole cost (advice included), in a fresh run folder;
+  weights with quadrant's recipe (LP-FT: the head from a linear probe,
+  BatchNorm statistics kept), (3r) the same with a random head and
+  BatchNorm statistics updated (the recipe before LP-FT), (3p) partial
+  fine-tuning from the best earlier layer (everything before it frozen),
+  (4) training from scratch; test accuracy on a fixed test set per target,
+  the final validation accuracy of each fine-tune, and the cost of each
+  (the huge cells skip 3r: it costs a full fine-tune more);
+- `quadrant run` with `run.strategy = "auto"` and a `run.budget` in every
+  cell and seed: the advisor's candidates, its intervals and pilots, what it
+  picked, its test accuracy and its whole wall time (advice included), in a
+  fresh run folder;
 - the same with the real ImageNet EfficientNet-Lite0 as the backbone.
 
 Seeds change which training images are drawn, the validation split and the
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -59,11 +68,16 @@ SIMILAR_CLASSES = (5, 6, 7, 8, 9)
 LETTERS = "ABCDE"
 TEST_SEED = 1000
 STRATEGIES = {
-    1: "linear on top codes",
-    2: "linear/SVM on best earlier layer",
-    3: "fine-tune from pretrained",
-    4: "train from scratch",
+    "1": "linear on top codes",
+    "2": "linear/SVM on best earlier layer",
+    "3": "fine-tune (LP-FT, BN kept)",
+    "3r": "fine-tune (random head, BN updated)",
+    "3p": "partial fine-tune from the best earlier layer",
+    "4": "train from scratch",
 }
+# run.budget of `quadrant run` per cell size: enough for its fine-tunes on
+# two CPU cores, so that the pick is what the budget-free best would be.
+BUDGETS = {"small": "10m", "medium": "15m", "large": "20m", "huge": "90m"}
 
 
 # ---------------------------------------------------------------------------
@@ -218,7 +232,9 @@ def train_source(work: Path, args: argparse.Namespace) -> Path:
 
 def epochs_for(per_class: int) -> int:
     # Few images need more passes; thousands need a few.
-    return 30 if per_class <= 100 else 10 if per_class <= 300 else 4
+    if per_class <= 100:
+        return 30
+    return 10 if per_class <= 300 else 4 if per_class <= 1000 else 3
 
 
 def finetune_settings(per_class: int) -> list[str]:
@@ -231,7 +247,8 @@ def finetune_settings(per_class: int) -> list[str]:
     ]
 
 
-def run_codes(cfg: Config, strategy: int) -> float:
+def run_codes(cfg: Config, strategy: str) -> tuple[float, str]:
+    """Test accuracy of strategy 1 or 2, and the best earlier layer."""
     from features.backbones import build_backbone
     from features.layers import spread_layers
 
@@ -239,12 +256,12 @@ def run_codes(cfg: Config, strategy: int) -> float:
     backbone = build_backbone(b.name, b.weights, preprocessing=b.preprocessing())
     layers = spread_layers(backbone.model, backbone.preprocessing.input_size)
     cfg = replace(cfg, extract=replace(cfg.extract, layers=tuple(layers)))
-    if strategy == 1:
-        cfg = replace(cfg, train=replace(cfg.train, layer=TOP))
-        train.run(cfg)
-        return evaluate.run(cfg).accuracy
     result = sweep.run(cfg)
     earlier = max((r for r in result.rows if r.layer != TOP), key=lambda r: r.accuracy)
+    if strategy == "1":
+        cfg = replace(cfg, train=replace(cfg.train, layer=TOP))
+        train.run(cfg)
+        return evaluate.run(cfg).accuracy, earlier.layer
     scores = {}
     for classifier in ("logistic", "svm"):
         trial = replace(
@@ -259,17 +276,30 @@ def run_codes(cfg: Config, strategy: int) -> float:
         scores[classifier] = (train.run(trial).cv_score, trial)
     best = max(scores.values(), key=lambda item: item[0])[1]
     train.run(best)
-    return evaluate.run(best).accuracy
+    return evaluate.run(best).accuracy, earlier.layer
 
 
-def run_finetune(cfg: Config, strategy: int) -> float:
-    # NOTE: both inits use the configured recipe (finetune_settings), the one
-    # `quadrant run` and its pilots use, so each pilot is the beginning of
-    # the strategy it forecasts.
-    init = "pretrained" if strategy == 3 else "scratch"
-    cfg = replace(cfg, finetune=replace(cfg.finetune, init=init))
+def run_finetune(cfg: Config, strategy: str, earlier: str | None) -> dict[str, float]:
+    """Test accuracy and the last epoch's validation accuracy of one fine-tune.
+
+    NOTE: every variant uses the configured recipe (finetune_settings), the
+    one `quadrant run` and its pilots use, so each pilot is the beginning of
+    the strategy it forecasts.
+    """
+    ft = cfg.finetune
+    variants = {
+        "3": replace(ft, init="pretrained"),
+        "3r": replace(ft, init="pretrained", head_init="random", batchnorm="train"),
+        "3p": replace(ft, init="pretrained", train_from=earlier),
+        "4": replace(ft, init="scratch"),
+    }
+    cfg = replace(cfg, finetune=variants[strategy])
     finetune.run(cfg, resume=cfg.layout.checkpoint.exists())
-    return evaluate.run(cfg).accuracy
+    history = json.loads(cfg.layout.model("finetune").history_json.read_text())
+    return {
+        "test": evaluate.run(cfg).accuracy,
+        "val": float(history["epochs"][-1]["val_accuracy"]),
+    }
 
 
 def run_auto(cfg: Config) -> dict[str, Any]:
@@ -280,14 +310,26 @@ def run_auto(cfg: Config) -> dict[str, Any]:
     advice = result.advice
     assert advice is not None
     sim, size = advice.similarity, advice.size
-    pilot = size.pilot
+    chosen = next(c for c in advice.candidates if c.name == advice.chosen)
     return {
         "case": result.case,
-        "strategy": pick(result.case, size.init),
+        "chosen": chosen.name,
+        "strategy": pick(chosen.path, chosen.settings),
         "accuracy": result.evaluation.accuracy,
         "seconds": seconds,
+        "budget": cfg.run.budget_seconds,
         "timings": result.timings,
         "advice_seconds": advice.seconds,
+        "candidates": [
+            {
+                "name": c.name,
+                "accuracy": c.accuracy,
+                "interval": [c.low, c.high],
+                "seconds": c.seconds,
+                "fits": c.fits,
+            }
+            for c in advice.candidates
+        ],
         "similarity": {
             "verdict": sim.verdict,
             "best_layer": sim.best_layer,
@@ -301,41 +343,43 @@ def run_auto(cfg: Config) -> dict[str, Any]:
         "size": {
             "measured": size.measured,
             "rule": size.rule,
-            "init": size.init,
+            "reference": None
+            if size.reference is None
+            else {"cv": size.reference.cv.mean, "val": size.reference.val_accuracy},
             "frozen_curve": [[p.images, p.accuracy] for p in size.frozen_curve],
-            "frozen_gain": None
-            if size.frozen_gain is None
-            else [size.frozen_gain.mean, size.frozen_gain.low, size.frozen_gain.high],
-            "pilots": [
-                {
-                    "init": p.init,
-                    "images": p.images,
-                    "full": p.full,
-                    "seconds": p.seconds,
-                    "curve": [[c.images, c.accuracy] for c in p.curve],
-                    "accuracy": p.accuracy,
-                    "versus": [p.versus.mean, p.versus.low, p.versus.high],
-                    "forecast": p.forecast,
-                    "forecast_interval": [p.forecast_low, p.forecast_high],
-                    "forecast_points": p.forecast_points,
-                    "reference": p.reference,
-                }
-                for p in (size.pilot, size.scratch)
-                if p is not None
-            ],
+            "pilots": [_pilot(p) for p in size.pilots],
         },
         "bn_shift": advice.domain.bn_shift,
         "confidence": advice.domain.confidence,
-        "resumed_pilot": bool(pilot and result.case >= 3 and pilot.resumable),
         "reasons": advisor.explain(advice),
     }
 
 
-def pick(case: int, init: str) -> int:
-    """The strategy a case runs: 1, 2, 3, or 4 for case 4 from scratch."""
-    if case in (1, 2):
-        return case
-    return 4 if init == "scratch" else 3
+def _pilot(p: Any) -> dict[str, Any]:
+    return {
+        "name": p.name,
+        "strategy": pick("finetune", p.settings),
+        "images": p.images,
+        "full": p.full,
+        "seconds": p.seconds,
+        "curve": [[c.images, c.accuracy] for c in p.curve],
+        "accuracy": p.accuracy,
+        "versus": [p.versus.mean, p.versus.low, p.versus.high],
+        "forecast": p.forecast,
+        "forecast_interval": [p.forecast_low, p.forecast_high],
+        "forecast_points": p.forecast_points,
+        "reference": p.reference,
+        "wins": p.wins(0.01),
+    }
+
+
+def pick(path: str, settings: dict[str, Any]) -> str:
+    """The strategy a candidate runs: 1, 2, 3, 3p (partial) or 4 (scratch)."""
+    if path == "codes":
+        return "1" if settings["train.layer"] == TOP else "2"
+    if settings.get("finetune.init") == "scratch":
+        return "4"
+    return "3p" if settings.get("finetune.train_from") else "3"
 
 
 def cell(
@@ -362,9 +406,11 @@ def cell(
             "backbone": backbone["key"],
             "seed": seed,
             "accuracy": {},
+            "val": {},
             "seconds": {},
         }
     )
+    results.setdefault("val", {})
     extra = [
         f"run.seed={seed}",
         f"data.seed={seed}",
@@ -374,21 +420,26 @@ def cell(
     # running both would); `quadrant run` has its own folder and cache.
     shared = f"extract.cache_dir='{folder / 'codes-cache'}'"
     for strategy in STRATEGIES:
-        if str(strategy) in results["accuracy"]:
+        if strategy in results["accuracy"] or (strategy == "3r" and size == "huge"):
             continue
         cfg = base_config(data, folder / f"s{strategy}", backbone, *extra, shared)
         start = time.perf_counter()
-        accuracy = (
-            run_codes(cfg, strategy) if strategy <= 2 else run_finetune(cfg, strategy)
-        )
-        results["accuracy"][str(strategy)] = accuracy
-        results["seconds"][str(strategy)] = time.perf_counter() - start
+        if strategy in ("1", "2"):
+            accuracy, results["earlier"] = run_codes(cfg, strategy)
+        else:
+            measured = run_finetune(cfg, strategy, results.get("earlier"))
+            accuracy = measured["test"]
+            results["val"][strategy] = measured["val"]
+        results["accuracy"][strategy] = accuracy
+        results["seconds"][strategy] = time.perf_counter() - start
         _save_cell(saved, results)
         _say(backbone, target, size, seed, f"strategy {strategy}", accuracy)
     if "auto" not in results:
         # A fresh folder: the cost is that of a first run, advice included.
         shutil.rmtree(folder / "auto", ignore_errors=True)
-        auto = base_config(data, folder / "auto", backbone, *extra)
+        auto = base_config(
+            data, folder / "auto", backbone, *extra, f"run.budget='{BUDGETS[size]}'"
+        )
         results["auto"] = run_auto(auto)
         _save_cell(saved, results)
         _say(backbone, target, size, seed, "quadrant run", results["auto"]["accuracy"])
@@ -418,8 +469,8 @@ def _say(
 # Tables
 
 
-def _accuracy(c: dict[str, Any]) -> dict[int, float]:
-    return {int(k): v for k, v in c["accuracy"].items()}
+def _accuracy(c: dict[str, Any]) -> dict[str, float]:
+    return {str(k): v for k, v in c["accuracy"].items()}
 
 
 def gap(c: dict[str, Any]) -> float:
@@ -436,6 +487,8 @@ def group(cells: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[Any]]:
 
 
 def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "–"
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
@@ -446,28 +499,33 @@ def accuracy_table(cells: list[dict[str, Any]]) -> str:
     lines = [
         "| backbone | target | images/class | seeds | "
         + " | ".join(f"{k}. {v}" for k, v in STRATEGIES.items())
-        + " | advisor's case → strategy per seed | pick's gap to best (points) "
-        "| `quadrant run` test accuracy | within 1 point |",
-        "|---|---|---|---|" + "---|" * len(STRATEGIES) + "---|---|---|---|",
+        + " | fine-tune gain over best frozen (points) | `quadrant run` picked "
+        "(per seed) | pick's gap to best (points) | `quadrant run` test accuracy "
+        "| within 1 point |",
+        "|---|---|---|---|" + "---|" * len(STRATEGIES) + "---|---|---|---|---|",
     ]
     for (bb, target, _), group_cells in group(cells).items():
         accs = [_accuracy(c) for c in group_cells]
-        means = {s: statistics.mean(a[s] for a in accs) for s in STRATEGIES}
+        means = {
+            s: statistics.mean(a[s] for a in accs) for s in STRATEGIES if s in accs[0]
+        }
         top = max(means.values())
         marks = [
-            (f"**{_mean_sd([a[s] for a in accs])}**" if means[s] == top else
-             _mean_sd([a[s] for a in accs]))
+            "–" if s not in means else
+            f"**{_mean_sd([a[s] for a in accs])}**" if means[s] == top else
+            _mean_sd([a[s] for a in accs])
             for s in STRATEGIES
         ]  # fmt: skip
-        picks = ", ".join(
-            f"{c['auto']['case']}→{c['auto']['strategy']}" for c in group_cells
-        )
+        frozen = max(means["1"], means["2"])
+        tuned = max(v for k, v in means.items() if k not in ("1", "2"))
+        picks = ", ".join(c["auto"]["chosen"] for c in group_cells)
         gaps = [gap(c) for c in group_cells]
         ok = sum(g <= 1.0 for g in gaps)
         lines.append(
             f"| {bb} | {target} | {group_cells[0]['per_class']} | {len(group_cells)} | "
             + " | ".join(marks)
-            + f" | {picks} | {', '.join(f'{g:.1f}' for g in gaps)} | "
+            + f" | {100 * (tuned - frozen):+.1f} | {picks} | "
+            f"{', '.join(f'{g:.1f}' for g in gaps)} | "
             f"{_mean_sd([c['auto']['accuracy'] for c in group_cells])} | "
             f"{ok}/{len(gaps)} |"
         )
@@ -475,20 +533,23 @@ def accuracy_table(cells: list[dict[str, Any]]) -> str:
 
 
 def cost_table(cells: list[dict[str, Any]]) -> str:
-    """`quadrant run` (advice included) against running every strategy."""
+    """`quadrant run` (advice included) against its budget and every strategy."""
     lines = [
-        "| backbone | target | images/class | advice (s) | `quadrant run` total (s) "
+        "| backbone | target | images/class | run.budget (s) | advice (s) "
+        "| `quadrant run` total (s), max over seeds | within budget + 10% "
         "| every strategy (s) | ratio |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (bb, target, _), group_cells in group(cells).items():
         advice = [c["auto"]["timings"].get("advise", 0.0) for c in group_cells]
         total = [c["auto"]["seconds"] for c in group_cells]
+        budget = group_cells[0]["auto"].get("budget") or math.inf
         every = [sum(c["seconds"].values()) for c in group_cells]
+        within = sum(t <= 1.1 * budget for t in total)
         lines.append(
-            f"| {bb} | {target} | {group_cells[0]['per_class']} | "
-            f"{statistics.mean(advice):.0f} | {statistics.mean(total):.0f} | "
-            f"{statistics.mean(every):.0f} | "
+            f"| {bb} | {target} | {group_cells[0]['per_class']} | {budget:.0f} | "
+            f"{statistics.mean(advice):.0f} | {max(total):.0f} | "
+            f"{within}/{len(total)} | {statistics.mean(every):.0f} | "
             f"{statistics.mean(t / e for t, e in zip(total, every, strict=True)):.2f} |"
         )
     return "\n".join(lines)
@@ -506,7 +567,7 @@ def interval_table(cells: list[dict[str, Any]]) -> str:
         sim = c["auto"]["similarity"]
         mean, low, high = (100 * v for v in sim["gain"])
         acc = _accuracy(c)
-        truth = 100 * (acc[2] - acc[1])
+        truth = 100 * (acc["2"] - acc["1"])
         ranked = sorted(acc.values(), reverse=True)
         close = 100 * (ranked[0] - ranked[1]) <= 2
         lines.append(
@@ -518,30 +579,77 @@ def interval_table(cells: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def forecasts(cells: list[dict[str, Any]]) -> list[tuple[dict[str, Any], float]]:
+    """(pilot, the realised full run's last validation accuracy) with a forecast."""
+    out = []
+    for c in cells:
+        for p in c["auto"]["size"]["pilots"]:
+            truth = c.get("val", {}).get(p["strategy"])
+            if p["forecast"] is not None and truth is not None:
+                out.append((p, truth))
+    return out
+
+
+def coverage(pairs: list[tuple[dict[str, Any], float]], widen: float) -> float:
+    """Share of forecasts whose interval, half-widths times `widen`, covers."""
+    if not pairs:
+        return math.nan
+    hits = 0
+    for p, truth in pairs:
+        low, high = p["forecast_interval"]
+        mean = p["forecast"]
+        if mean - widen * (mean - low) <= truth <= mean + widen * (high - mean):
+            hits += 1
+    return hits / len(pairs)
+
+
+def calibrated_widen(pairs: list[tuple[dict[str, Any], float]]) -> float:
+    """The smallest widening (in steps of 0.25) that covers 80% of the runs."""
+    widen = 1.0
+    while coverage(pairs, widen) < 0.8 and widen < 20:
+        widen += 0.25
+    return widen
+
+
 def pilot_table(cells: list[dict[str, Any]]) -> str:
-    """Every pilot: its figures, the rule that decided, and the truth."""
+    """Every pilot: its figures, the rule, and the realised full run."""
     lines = [
-        "| backbone | target | images/class | seed | frozen val (¼, ½, all) "
-        "| pilot | pilot val | vs reference [interval] (points) | forecast "
-        "| measured test: fine-tune (3/4) | measured: codes run | rule |",
+        "| backbone | target | images/class | seed | codes path val | pilot "
+        "| pilot val | vs codes [interval] (points) | forecast [interval] "
+        "| realised full run: val (test) | covered | wins |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         size = c["auto"]["size"]
         if not size["measured"]:
             continue
-        curve = ", ".join(f"{a:.3f}" for _, a in size["frozen_curve"])
         acc = _accuracy(c)
         for p in size["pilots"]:
             mean, low, high = (100 * v for v in p["versus"])
-            truth = acc[3] if p["init"] == "pretrained" else acc[4]
+            val = c.get("val", {}).get(p["strategy"])
+            test = acc.get(p["strategy"])
+            forecast, covered = "none", "–"
+            if p["forecast"] is not None:
+                lo, hi = p["forecast_interval"]
+                forecast = f"{p['forecast']:.3f} [{lo:.3f}, {hi:.3f}]"
+                if val is not None:
+                    covered = "yes" if lo <= val <= hi else "no"
+            realised = "–" if val is None else f"{val:.3f} ({test:.3f})"
             lines.append(
                 f"| {c['backbone']} | {c['target']} | {c['per_class']} | "
-                f"{c['seed']} | {curve} | {p['init']} {p['images']}/{p['full']} "
-                f"({p['seconds']:.0f} s) | {p['accuracy']:.3f} | {mean:+.1f} "
-                f"[{low:+.1f}, {high:+.1f}] | {p['forecast']:.3f} | {truth:.3f} | "
-                f"{c['auto']['accuracy']:.3f} | {size['rule']} → {size['init']} |"
+                f"{c['seed']} | {size['reference']['val']:.3f} | {p['name']} "
+                f"{p['images']}/{p['full']} ({p['seconds']:.0f} s) | "
+                f"{p['accuracy']:.3f} | {mean:+.1f} [{low:+.1f}, {high:+.1f}] | "
+                f"{forecast} | {realised} | {covered} | {p['wins'] or 'no'} |"
             )
+    pairs = forecasts(cells)
+    widen = calibrated_widen(pairs)
+    lines.append(
+        f"\nForecast intervals as made (advisor's FORECAST_WIDEN) covered the "
+        f"realised full run in {100 * coverage(pairs, 1.0):.0f}% of {len(pairs)} "
+        f"runs with a forecast; widened {widen:.2f}x they cover "
+        f"{100 * coverage(pairs, widen):.0f}%."
+    )
     return "\n".join(lines)
 
 
@@ -554,6 +662,12 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=20)
     parser.add_argument("--medium", type=int, default=150)
     parser.add_argument("--large", type=int, default=500)
+    parser.add_argument(
+        "--huge",
+        type=int,
+        default=0,
+        help="images per class of the huge cells (0: none)",
+    )
     parser.add_argument("--test", type=int, default=300, help="test images per class")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
@@ -610,7 +724,12 @@ def backbones(
                     "weights": str(weights),
                     "size": 32,
                 },
-                [("small", args.small), ("medium", args.medium), ("large", args.large)],
+                [
+                    ("small", args.small),
+                    ("medium", args.medium),
+                    ("large", args.large),
+                    *([("huge", args.huge)] if args.huge else []),
+                ],
             )
         )
     if "imagenet" in args.backbones:
@@ -622,7 +741,11 @@ def backbones(
                     "weights": "default",
                     "size": args.lite_size,
                 },
-                [("small", args.small), ("large", args.large)],
+                [
+                    ("small", args.small),
+                    ("large", args.large),
+                    *([("huge", args.huge)] if args.huge else []),
+                ],
             )
         )
     return out

@@ -10,6 +10,7 @@ import logging
 import math
 
 from features.probes import DomainStatistics
+from pipeline.advisor.candidates import larger_budget
 from pipeline.advisor.record import CASES, Advice, Pilot, Similarity, Size
 
 log = logging.getLogger(__name__)
@@ -53,50 +54,58 @@ def size_reason(z: Size, margin: float) -> str:
         f"median {z.per_class_median:.0f} training images per class (min "
         f"{z.per_class_min}, {z.images} in all)"
     )
-    if not z.measured:
+    if not z.measured or z.reference is None:
         return (
             f"size: small: {head} < advise.small_per_class = {z.floor}: too few "
             "to fine-tune, no pilot"
         )
-    p = z.pilot
-    assert p is not None  # measured implies a pilot
-    frozen = z.frozen_curve[-1].accuracy
-    figures = (
-        f"pilot fine-tune ({p.images} of {p.full} images, {100 * p.share:.0f}%): "
-        f"val {p.accuracy:.3f}, {100 * p.versus.mean:+.1f} points "
-        f"[{100 * p.versus.low:+.1f}, {100 * p.versus.high:+.1f}] against the "
-        f"frozen {z.layer} probe ({frozen:.3f}); {_forecast_text(p)}"
+    r = z.reference
+    codes = (
+        f"the codes path's tuned {r.classifier} (C = {r.C:g}) on {r.layer}: CV "
+        f"{r.cv.mean:.3f} [{r.cv.low:.3f}, {r.cv.high:.3f}], val {r.val_accuracy:.3f}"
     )
-    text = f"size: {_size_verdict(z.rule, p, frozen, margin)}: {head}; {figures}"
-    if z.scratch is not None:
-        text += f"; {_scratch_text(z.scratch)}: {z.init}"
-    return text
+    if not z.pilots:
+        return (
+            f"size: codes path: {head}; {codes}; no pilot fine-tune fit the "
+            "advice's share of run.budget"
+        )
+    best = max(z.pilots, key=lambda p: p.expected)
+    verdict = _size_verdict(z.rule, best, r.val_accuracy, margin)
+    return f"size: {verdict}: {head}; {codes}; {_pilot_text(best)}"
 
 
-def _size_verdict(rule: str, p: Pilot, frozen: float, margin: float) -> str:
-    """The measured size verdict, by the rule that decided it."""
-    return {
-        "ahead": "large: fine-tune: the pilot is ahead",
-        "forecast": f"large: fine-tune: the forecast's lower end passes the frozen "
-        f"codes by {100 * (p.forecast_low - frozen):.1f} > {100 * margin:.1f} points",
-        "codes": f"codes path: the pilot is not ahead and its forecast's lower end "
-        f"does not pass the frozen codes by more than {100 * margin:.1f} points",
-    }[rule]
-
-
-def _scratch_text(s: Pilot) -> str:
+def _pilot_text(p: Pilot) -> str:
     return (
-        f"scratch pilot val {s.accuracy:.3f}, {100 * s.versus.mean:+.1f} "
-        f"points [{100 * s.versus.low:+.1f}, {100 * s.versus.high:+.1f}] "
-        f"against pretrained, {_forecast_text(s)}"
+        f"pilot of {p.name} ({p.images} of {p.full} images, {100 * p.share:.0f}%): "
+        f"val {p.accuracy:.3f}, {100 * p.versus.mean:+.1f} points "
+        f"[{100 * p.versus.low:+.1f}, {100 * p.versus.high:+.1f}] against the codes "
+        f"path; {_forecast_text(p)}"
+    )
+
+
+def _size_verdict(rule: str, p: Pilot, codes: float, margin: float) -> str:
+    """The measured size verdict, by the rule that decided it."""
+    if rule == "forecast" and p.forecast is not None and p.forecast_low is not None:
+        return (
+            f"large: fine-tune: the forecast passes the codes path by "
+            f"{100 * (p.forecast - codes):.1f} > {100 * margin:.1f} points, its "
+            f"lower end {100 * (p.forecast_low - codes):+.1f} stays within "
+            f"{100 * margin:.1f} below it"
+        )
+    if rule == "ahead":
+        return "large: fine-tune: the pilot is ahead"
+    return (
+        "codes path: no pilot is ahead, and no forecast passes the codes path by "
+        f"more than {100 * margin:.1f} points with its lower end within "
+        f"{100 * margin:.1f} below it"
     )
 
 
 def _forecast_text(p: Pilot) -> str:
-    if p.forecast_points < 2:
+    if p.forecast is None or p.forecast_low is None or p.forecast_high is None:
         return (
             f"no forecast ({p.forecast_points} validation point(s) after the "
-            "warm-up; the pilot's last accuracy stands)"
+            "warm-up): the measured pilot alone decides"
         )
     return (
         f"forecast at the full budget {p.forecast:.3f} [{p.forecast_low:.3f}, "
@@ -125,10 +134,13 @@ def _confidence_reason(domain: DomainStatistics) -> str:
 
 
 def announce(advice: Advice) -> None:
-    """Log the case and its evidence at INFO, as soon as it is decided."""
+    """Log the case, its evidence and the candidates weighed, with their
+    expected times, at INFO as soon as it is decided (before the long work)."""
     log.info("case %d: %s", advice.case, CASES[advice.case])
     for reason in explain(advice)[:2]:
         log.info("  %s", reason)
+    for line in candidate_lines(advice):
+        log.info("%s", line)
 
 
 # ---------------------------------------------------------------------------
@@ -141,6 +153,7 @@ def summary_lines(advice: Advice) -> list[str]:
     lines += [f"  - {reason}" for reason in explain(advice)]
     lines += _depth_lines(advice)
     lines += _curve_lines(advice.size)
+    lines += candidate_lines(advice)
     lines += _settings_lines(advice)
     return lines
 
@@ -168,18 +181,70 @@ def _depth_lines(advice: Advice) -> list[str]:
 
 
 def _curve_lines(z: Size) -> list[str]:
-    """The frozen learning curve and each pilot's, when measured."""
+    """The codes path's learning curve and each pilot's, when measured."""
     if not z.measured:
         return []
     curve = ", ".join(f"{p.images}: {p.accuracy:.3f}" for p in z.frozen_curve)
-    lines = [f"  frozen {z.layer} learning curve (val accuracy): {curve}"]
-    for p in (z.pilot, z.scratch):
-        if p is not None:
-            points = ", ".join(f"{c.images}: {c.accuracy:.3f}" for c in p.curve)
-            lines.append(
-                f"  pilot ({p.init}) {p.seconds:.0f} s, val accuracy: {points}"
-            )
+    lines = [f"  codes path {z.layer} learning curve (val accuracy): {curve}"]
+    for p in z.pilots:
+        points = ", ".join(f"{c.images}: {c.accuracy:.3f}" for c in p.curve)
+        lines.append(f"  pilot of {p.name}, {p.seconds:.0f} s, val accuracy: {points}")
     return lines
+
+
+def candidate_lines(advice: Advice) -> list[str]:
+    """The candidates weighed, best first: expected accuracy and time."""
+    if not advice.candidates:
+        return []
+    budget = (
+        "no run.budget"
+        if advice.budget is None
+        else f"run.budget {duration(advice.budget)}"
+    )
+    lines = [f"candidates (expected accuracy [interval], expected time; {budget}):"]
+    width = max(len(c.name) for c in advice.candidates)
+    for c in advice.candidates:
+        mark = "*" if c.name == advice.chosen else " "
+        accuracy = (
+            f"{c.accuracy:.3f} [{c.low:.3f}, {c.high:.3f}]"
+            if c.accuracy is not None and c.low is not None and c.high is not None
+            else "not measured".ljust(20)
+        )
+        fits = "" if c.fits else ", over the budget"
+        lines.append(
+            f"  {mark} {c.name:<{width}}  {accuracy}  {duration(c.seconds):>8}{fits}"
+            f"  ({c.basis})"
+        )
+    lines += _larger_budget_lines(advice)
+    return lines
+
+
+def _larger_budget_lines(advice: Advice) -> list[str]:
+    chosen = next((c for c in advice.candidates if c.name == advice.chosen), None)
+    if chosen is None or advice.budget is None:
+        return []
+    better = larger_budget(advice.candidates, chosen)
+    if better is None or better.accuracy is None or chosen.accuracy is None:
+        return []
+    spent = sum(advice.seconds.values())
+    need = 60 * math.ceil((spent + better.seconds) * 1.1 / 60)
+    return [
+        f"  a larger budget: run.budget = '{duration(need, compact=True)}' would "
+        f"allow {better.name}: expected {better.accuracy:.3f} "
+        f"({100 * (better.accuracy - chosen.accuracy):+.1f} points)"
+    ]
+
+
+def duration(seconds: float, *, compact: bool = False) -> str:
+    """Seconds as "45s", "3m 20s", "1h 05m" ("3m", "1h05m" with compact)."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    minutes = round(seconds / 60) if compact else int(seconds // 60)
+    if minutes < 60:
+        return f"{minutes}m" if compact else f"{minutes}m {seconds % 60:02.0f}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if compact else f"{hours}h {minutes:02d}m"
 
 
 def _settings_lines(advice: Advice) -> list[str]:

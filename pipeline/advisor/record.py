@@ -83,10 +83,35 @@ class CurvePoint:
 
 
 @dataclass(frozen=True)
+class Reference:
+    """What the codes path will deliver: its tuned classifier on the advised layer.
+
+    Attributes:
+        layer: the layer/pooling it trains on.
+        classifier: the scikit-learn classifier (train.classifier).
+        C: the inverse regularisation its cross-validation chose from train.C.
+        cv: its cross-validated accuracy on the training images, mean and
+            interval over the folds.
+        val_accuracy: refitted on every training image, its validation
+            accuracy (the fine-tune pilots are set against it image by image).
+        seconds: the tuning and the refit.
+    """
+
+    layer: str
+    classifier: str
+    C: float
+    cv: Interval
+    val_accuracy: float
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Pilot:
     """One budgeted pilot fine-tune and how it compares.
 
     Attributes:
+        name: the candidate it pilots, e.g. "pretrained 32 px".
+        settings: the fine-tune's settings it runs with (config keys).
         init: "pretrained" or "scratch".
         budget, images, full: training images allowed, processed, and
             processed by the full fine-tune.
@@ -95,21 +120,22 @@ class Pilot:
         seconds: its wall time.
         curve: validation accuracy along the pilot (the last point is its end).
         accuracy: its validation accuracy at the end, on `versus`'s images.
-        forecast: the accuracy forecast at the full budget (the last
-            accuracy when fewer than two points follow the warm-up).
-        forecast_low, forecast_high: its interval (at advise.confidence) from
-            the validation points' sampling noise.
+        forecast: the accuracy forecast at the full budget, with its interval
+            (forecast_low, forecast_high); None when too few validation points
+            follow the warm-up, and the measured pilot alone decides.
         forecast_points: the pilot's points the forecast rests on.
-        versus: its accuracy minus the reference's (the frozen probe for the
-            pretrained pilot, the pretrained pilot for the scratch one) on the
-            same validation images.
-        reference: what its forecast must pass by the margin: the frozen
-            probe's validation accuracy (trained on all training images), or
-            the pretrained pilot's forecast.
+        versus: its accuracy minus the reference's (the codes path's tuned
+            classifier) on the same validation images.
+        reference: what its forecast must pass by the margin: the codes
+            path's validation accuracy.
         resumable: the full fine-tune can continue its checkpoint.
         folder: its run folder.
+        images_per_second: its training images per second (data loading
+            included), the unit cost of the full fine-tune.
     """
 
+    name: str
+    settings: dict[str, Any]
     init: str
     budget: int
     images: int
@@ -119,27 +145,40 @@ class Pilot:
     seconds: float
     curve: tuple[CurvePoint, ...]
     accuracy: float
-    forecast: float
-    forecast_low: float
-    forecast_high: float
+    forecast: float | None
+    forecast_low: float | None
+    forecast_high: float | None
     forecast_points: int
     versus: Interval
     reference: float
     resumable: bool
     folder: str
+    images_per_second: float
 
     def wins(self, margin: float) -> str | None:
-        """Why it beats its reference ("ahead", "forecast"), or None.
+        """Why it beats the codes path ("ahead", "forecast"), or None.
 
         Ahead: the paired interval against the reference is above 0.
-        Forecast: the lower end of the forecast's interval passes the
-        reference by more than the margin.
+        Forecast: the forecast passes the reference by more than the margin,
+        and its interval's lower end stays within the margin below it (a
+        forecast that could as well end behind the codes path does not win).
+        Without a forecast the measured pilot alone decides.
         """
         if self.versus.low > 0:
             return "ahead"
-        if self.forecast_low - self.reference > margin:
+        if (
+            self.forecast is not None
+            and self.forecast_low is not None
+            and self.forecast - self.reference > margin
+            and self.forecast_low >= self.reference - margin
+        ):
             return "forecast"
         return None
+
+    @property
+    def expected(self) -> float:
+        """The full fine-tune's expected accuracy: the forecast, else the pilot's."""
+        return self.forecast if self.forecast is not None else self.accuracy
 
 
 @dataclass(frozen=True)
@@ -149,13 +188,15 @@ class Size:
     Attributes:
         images, per_class_median, per_class_min: training images.
         floor: advise.small_per_class.
-        measured: above the floor, so the curve and the pilot ran.
-        layer: the frozen probe's layer (the codes path's).
-        frozen_curve: its validation accuracy at 1/4, 1/2, all training images.
+        measured: above the floor, so the curve, the reference and the
+            pilots ran.
+        layer: the codes path's layer.
+        frozen_curve: the tuned classifier's validation accuracy trained on
+            1/4, 1/2 and all training images.
         frozen_gain: all minus 1/2, paired on the validation images.
-        pilot, scratch: the pretrained and the scratch pilot (None if not run).
-        finetune: the verdict: fine-tune (large) or the codes path (small).
-        init: the fine-tune's init when `finetune`.
+        reference: the codes path's tuned classifier (None below the floor).
+        pilots: the fine-tune candidates piloted, in the order they ran.
+        finetune: the verdict: a piloted fine-tune beats the codes path.
         rule: which rule decided ("floor", "ahead", "forecast", "codes").
     """
 
@@ -167,20 +208,57 @@ class Size:
     layer: str
     frozen_curve: tuple[CurvePoint, ...]
     frozen_gain: Interval | None
-    pilot: Pilot | None
-    scratch: Pilot | None
+    reference: Reference | None
+    pilots: tuple[Pilot, ...]
     finetune: bool
-    init: str
     rule: str
 
     @property
     def seconds(self) -> float:
-        return sum(p.seconds for p in (self.pilot, self.scratch) if p is not None)
+        return sum(p.seconds for p in self.pilots)
+
+    def pilot(self, name: str) -> Pilot | None:
+        """The pilot of the candidate `name`, if it ran."""
+        return next((p for p in self.pilots if p.name == name), None)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run the job, with what it is expected to give and to cost.
+
+    Attributes:
+        name: "codes on _blocks.9/avg", "fine-tune pretrained 32 px" ...
+        path: "codes" or "finetune".
+        settings: the config keys that run it (train.layer, finetune.input_size
+            ...).
+        accuracy, low, high: its expected accuracy and interval; None when
+            it was not measured (a pilot would have cost more than the advice
+            may spend).
+        basis: how the expectation was measured, in words.
+        seconds: its expected wall time after the advice: training, then
+            evaluation and export.
+        fits: whether it fits what is left of run.budget.
+    """
+
+    name: str
+    path: str
+    settings: dict[str, Any]
+    accuracy: float | None
+    low: float | None
+    high: float | None
+    basis: str
+    seconds: float
+    fits: bool
 
 
 @dataclass(frozen=True)
 class Advice:
-    """The case, the evidence behind it, and the settings to run it with."""
+    """The case, the evidence behind it, and the settings to run it with.
+
+    `candidates` are every way the advisor weighed, best first; `chosen` is
+    the name of the one it picked (the best expected accuracy that fits
+    `budget` seconds, a fine-tune only where it beats the codes path).
+    """
 
     case: int
     similarity: Similarity
@@ -190,6 +268,9 @@ class Advice:
     domain: DomainStatistics
     settings: dict[str, Any]
     seconds: dict[str, float]
+    candidates: tuple[Candidate, ...] = ()
+    chosen: str = ""
+    budget: float | None = None
 
     @property
     def large(self) -> bool:
@@ -260,6 +341,9 @@ def read_advice(path: Path) -> Advice:
         ),
         dict(data["settings"]),
         dict(data["seconds"]),
+        tuple(Candidate(**c) for c in data["candidates"]),
+        data["chosen"],
+        data["budget"],
     )
 
 
@@ -271,12 +355,14 @@ def _curve(data: list[dict[str, Any]]) -> tuple[CurvePoint, ...]:
     return tuple(CurvePoint(**c) for c in data)
 
 
-def _pilot(data: dict[str, Any] | None) -> Pilot | None:
-    if data is None:
-        return None
+def _pilot(data: dict[str, Any]) -> Pilot:
     return Pilot(
         **{**data, "curve": _curve(data["curve"]), "versus": _interval(data["versus"])}
     )
+
+
+def _reference(data: dict[str, Any] | None) -> Reference | None:
+    return None if data is None else Reference(**{**data, "cv": _interval(data["cv"])})
 
 
 def _size(data: dict[str, Any]) -> Size:
@@ -286,7 +372,7 @@ def _size(data: dict[str, Any]) -> Size:
             **data,
             "frozen_curve": _curve(data["frozen_curve"]),
             "frozen_gain": _interval(gain) if gain else None,
-            "pilot": _pilot(data["pilot"]),
-            "scratch": _pilot(data["scratch"]),
+            "reference": _reference(data["reference"]),
+            "pilots": tuple(_pilot(p) for p in data["pilots"]),
         }
     )

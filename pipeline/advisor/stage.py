@@ -11,6 +11,7 @@ backbone it was made from, so an unchanged rerun reads it back instead.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -25,9 +26,18 @@ from features.extractor import CodeModel, ExtractResult
 from features.layers import TOP, spread_layers
 from features.probes import DomainStatistics
 from pipeline import inputs
+from pipeline.advisor.candidates import (
+    Costs,
+    choose,
+    finetune_options,
+    options_with_costs,
+    unit_costs,
+    weigh,
+)
 from pipeline.advisor.reasons import announce, explain
 from pipeline.advisor.record import (
     Advice,
+    Candidate,
     Depth,
     Similarity,
     Size,
@@ -43,7 +53,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # NOTE: bump when the advice's meaning changes, so old advice.json is redone.
-ADVICE_VERSION = 2
+ADVICE_VERSION = 3
 
 
 def run(cfg: Config) -> Advice:
@@ -61,6 +71,7 @@ def run(cfg: Config) -> Advice:
         log.info("advice reused: settings, images and backbone are unchanged")
         announce(advice)
         return advice
+    clock = _Clock(cfg.run.budget_seconds, cfg.advise.budget_share)
     seconds: dict[str, float] = {}
     sample = _sample(images, cfg)
     whole = _extract_whole(cfg, images, sample)
@@ -71,13 +82,29 @@ def run(cfg: Config) -> Advice:
         seconds, "similarity", lambda: probe_depths(cfg, result, sample, whole)
     )
     domain = _timed(seconds, "domain", lambda: domain_of(cfg, backbone, sample))
-    different = similarity.verdict == "different"
+    settings = finetune_options(cfg, backbone, images, similarity)
+    costs = _timed(
+        seconds, "costs", lambda: _costs(cfg, images, settings, result, whole)
+    )
+    options = options_with_costs(cfg, settings, costs)
     size = _timed(
         seconds,
         "size",
-        lambda: measure(cfg, images, result.path, similarity.code, different=different),
+        lambda: measure(
+            cfg,
+            images,
+            result.path,
+            similarity.code,
+            options=options,
+            allowance=clock.advice_left,
+        ),
     )
-    advice = decide(similarity, size, depths, domain, seconds)
+    candidates = weigh(
+        cfg, depths, similarity, size, options, costs, left=clock.run_left()
+    )
+    advice = decide(
+        similarity, size, depths, domain, seconds, candidates, cfg.run.budget_seconds
+    )
     announce(advice)
     write_advice(
         cfg.layout.advice,
@@ -87,6 +114,42 @@ def run(cfg: Config) -> Advice:
         stamp=wanted,
     )
     return advice
+
+
+class _Clock:
+    """run.budget as the advice spends it: the share the advice may take,
+    and what is left for the job the advice picks."""
+
+    def __init__(self, budget: float | None, share: float) -> None:
+        self.budget, self.share = budget, share
+        self.start = time.perf_counter()
+
+    def spent(self) -> float:
+        return time.perf_counter() - self.start
+
+    def advice_left(self) -> float:
+        if self.budget is None:
+            return math.inf
+        return self.share * self.budget - self.spent()
+
+    def run_left(self) -> float:
+        return math.inf if self.budget is None else self.budget - self.spent()
+
+
+def _costs(
+    cfg: Config,
+    images: ImageSet,
+    settings: list[dict[str, Any]],
+    result: ExtractResult,
+    whole: bool,
+) -> Costs:
+    # NOTE: a cache hit computed nothing: its rate is unknown, and nothing is
+    # left to extract when it holds every image.
+    rate = result.images_per_second
+    per_image = 1.0 / rate if rate > 0 else 0.0
+    return unit_costs(
+        cfg, images, settings, extract_per_image=per_image, extracted=whole
+    )
 
 
 def _timed(seconds: dict[str, float], name: str, work: Callable[[], T]) -> T:
@@ -100,8 +163,8 @@ def advice_stamp(cfg: Config, backbone: Backbone, images: ImageSet) -> str:
     """What the advice depends on: its settings, the images, the backbone.
 
     The probes depend on the extraction and sweep settings, the pilot on the
-    fine-tune settings; run.strategy, run.out and how the run talks do not
-    enter.
+    fine-tune settings, the choice on run.budget; run.strategy, run.out and
+    how the run talks do not enter.
     """
     d = cfg.data
     return stamp(
@@ -114,8 +177,9 @@ def advice_stamp(cfg: Config, backbone: Backbone, images: ImageSet) -> str:
         backbone.identity(),
         images.fingerprint,
         [d.max_pixels, d.background],
-        cfg.train.max_iter,
+        asdict(cfg.train),
         cfg.run.seed,
+        cfg.run.budget,
     )
 
 
@@ -179,13 +243,23 @@ def decide(
     depths: tuple[Depth, ...],
     domain: DomainStatistics,
     seconds: dict[str, float] | None = None,
+    candidates: tuple[Candidate, ...] = (),
+    budget: float | None = None,
 ) -> Advice:
-    """The case from the measurements, with recommended settings."""
-    different = similarity.verdict == "different"
-    if size.finetune:
-        case = 4 if different else 3
-    else:
-        case = 1 if similarity.layer == TOP else 2
+    """The case from the measurements, with recommended settings.
+
+    With candidates, the chosen one (`candidates.choose`) sets the case and
+    the settings; without, the size verdict and the similarity do.
+    """
+    chosen = (
+        choose(candidates, size, similarity, similarity.margin) if candidates else None
+    )
+    case = _case(chosen, similarity, size)
+    settings = (
+        _chosen_settings(chosen, similarity)
+        if chosen is not None
+        else _settings(case, similarity)
+    )
     return Advice(
         case,
         similarity,
@@ -193,20 +267,41 @@ def decide(
         depths,
         max(depths, key=lambda d: d.logme).layer,
         domain,
-        _settings(case, similarity, size),
+        settings,
         dict(seconds or {}),
+        candidates,
+        chosen.name if chosen is not None else "",
+        budget,
     )
 
 
-def _settings(case: int, similarity: Similarity, size: Size) -> dict[str, Any]:
+def _case(chosen: Candidate | None, similarity: Similarity, size: Size) -> int:
+    """Codes on top: 1, on an earlier layer: 2; a fine-tune: 3, or 4 when the
+    data is different or the network is trained from scratch."""
+    if chosen is None:
+        finetuned = size.finetune
+        layer = similarity.layer
+    else:
+        finetuned = chosen.path == "finetune"
+        layer = chosen.settings.get("train.layer", TOP)
+    if not finetuned:
+        return 1 if layer == TOP else 2
+    scratch = chosen is not None and chosen.settings.get("finetune.init") == "scratch"
+    return 4 if similarity.verdict == "different" or scratch else 3
+
+
+def _chosen_settings(chosen: Candidate, similarity: Similarity) -> dict[str, Any]:
+    if chosen.path == "codes":
+        settings = _codes_settings(2, similarity)
+        settings.update(chosen.settings)
+        return settings
+    return {"path": "finetune", **chosen.settings, "note": chosen.name}
+
+
+def _settings(case: int, similarity: Similarity) -> dict[str, Any]:
     if case in (1, 2):
         return _codes_settings(case, similarity)
-    note = ""
-    if similarity.verdict == "undecided":
-        note = "undecided similarity: case 3 (no scratch pilot needed)"
-    elif case == 4 and size.scratch is not None:
-        note = f"init by the scratch pilot: {size.init}"
-    return {"path": "finetune", "finetune.init": size.init, "note": note}
+    return {"path": "finetune", "finetune.init": "pretrained", "note": ""}
 
 
 def _codes_settings(case: int, similarity: Similarity) -> dict[str, Any]:

@@ -10,9 +10,11 @@ import pytest
 from features.probes import DomainStatistics, Interval
 from pipeline.advisor.record import (
     Advice,
+    Candidate,
     CurvePoint,
     Depth,
     Pilot,
+    Reference,
     Similarity,
     Size,
     read_advice,
@@ -35,7 +37,7 @@ def similarity(verdict: str, gain: Interval) -> Similarity:
     )
 
 
-def size(finetune: bool, init: str = "pretrained") -> Size:
+def size(finetune: bool) -> Size:
     return Size(
         images=900,
         per_class_median=450.0,
@@ -45,10 +47,9 @@ def size(finetune: bool, init: str = "pretrained") -> Size:
         layer="layer2/avg",
         frozen_curve=(),
         frozen_gain=None,
-        pilot=None,
-        scratch=None,
+        reference=None,
+        pilots=(),
         finetune=finetune,
-        init=init,
         rule="ahead" if finetune else "floor",
     )
 
@@ -59,8 +60,10 @@ DEPTHS = (
 )
 
 
-def _pilot(versus: tuple[float, float, float], forecast: float) -> Pilot:
+def _pilot(versus: tuple[float, float, float], forecast: float | None) -> Pilot:
     return Pilot(
+        name="fine-tune pretrained 32 px",
+        settings={"finetune.init": "pretrained", "finetune.input_size": 32},
         init="pretrained",
         budget=100,
         images=100,
@@ -71,13 +74,14 @@ def _pilot(versus: tuple[float, float, float], forecast: float) -> Pilot:
         curve=(CurvePoint(50, 0.8), CurvePoint(100, 0.85)),
         accuracy=0.85,
         forecast=forecast,
-        forecast_low=forecast - 0.005,
-        forecast_high=forecast + 0.005,
-        forecast_points=2,
+        forecast_low=None if forecast is None else forecast - 0.005,
+        forecast_high=None if forecast is None else forecast + 0.005,
+        forecast_points=2 if forecast is not None else 0,
         versus=Interval(*versus, 0.95, "paired normal", 200),
         reference=0.9,
         resumable=True,
         folder="x",
+        images_per_second=50.0,
     )
 
 
@@ -85,13 +89,16 @@ def _pilot(versus: tuple[float, float, float], forecast: float) -> Pilot:
     "versus, forecast, rule",
     [
         ((0.03, 0.01, 0.05), 0.85, "ahead"),  # the interval is above 0
-        ((-0.05, -0.08, -0.02), 0.92, "forecast"),  # low end passes by 1.5 > 1
-        ((-0.05, -0.08, -0.02), 0.912, None),  # the low end passes by 0.7 only
+        ((-0.05, -0.08, -0.02), 0.92, "forecast"),  # passes by 2 > 1, low end +1.5
+        ((-0.05, -0.08, -0.02), 0.912, "forecast"),  # by 1.2, low end +0.7 >= -1
+        ((-0.05, -0.08, -0.02), 0.908, None),  # passes by 0.8 only
         ((0.01, -0.01, 0.03), 0.90, None),  # a tie now, no gain ahead
+        ((-0.05, -0.08, -0.02), None, None),  # no forecast: the pilot alone
+        ((0.03, 0.01, 0.05), None, "ahead"),  # ... which is ahead here
     ],
 )
 def test_pilot_wins_when_ahead_or_forecast_to_pass_by_the_margin(
-    versus: tuple[float, float, float], forecast: float, rule: str | None
+    versus: tuple[float, float, float], forecast: float | None, rule: str | None
 ) -> None:
     assert _pilot(versus, forecast).wins(0.01) == rule
 
@@ -103,8 +110,21 @@ def test_advice_json_reads_back_what_was_written(tmp_path: Path) -> None:
         measured=True,
         frozen_curve=(CurvePoint(50, 0.7), CurvePoint(100, 0.8)),
         frozen_gain=interval(0.1, 0.05, 0.15),
-        pilot=pilot,
-        scratch=replace(pilot, init="scratch"),
+        reference=Reference(
+            "layer2/avg", "logistic", 1.0, interval(0.9, 0.88, 0.92), 0.9, 2.0
+        ),
+        pilots=(pilot, replace(pilot, name="train from scratch 32 px", init="scratch")),
+    )
+    candidate = Candidate(
+        pilot.name,
+        "finetune",
+        dict(pilot.settings),
+        0.93,
+        0.92,
+        0.94,
+        "pilot",
+        60.0,
+        True,
     )
     advice = Advice(
         3,
@@ -115,6 +135,9 @@ def test_advice_json_reads_back_what_was_written(tmp_path: Path) -> None:
         DOMAIN,
         {"path": "finetune", "finetune.init": "pretrained", "note": ""},
         {"size": 1.5},
+        (candidate,),
+        candidate.name,
+        600.0,
     )
     path = tmp_path / "advice.json"
     write_advice(path, advice, reasons=["why"], config={"run": {}}, stamp="abc")

@@ -1,8 +1,9 @@
-"""The size question: the floor, the frozen learning curve, the pilot's forecast."""
+"""The size question: the floor, the codes path's reference, pilots, forecasts."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,9 +11,15 @@ import numpy as np
 import pytest
 
 from features.errors import DataError
+from features.probes import Interval
 from pipeline import finetune
-from pipeline.advisor.record import CurvePoint, Pilot
-from pipeline.advisor.size import forecast_pilot, measure, nested_order
+from pipeline.advisor.record import CurvePoint, Reference
+from pipeline.advisor.size import (
+    FinetuneOption,
+    forecast_pilot,
+    measure,
+    nested_order,
+)
 from pipeline.config import Config
 from pipeline.inputs import load_images
 
@@ -41,14 +48,18 @@ def _run(warmup: int, val: int = 1000) -> finetune.PilotRun:
 def test_the_forecast_uses_the_second_half_of_the_pilot_after_its_warm_up() -> None:
     # The first point would make the curve look steeper.
     forecast, points = forecast_pilot(_run(0), 0.95)
+    assert forecast is not None
     assert points == 2 and forecast.mean == pytest.approx(1 - 0.8 / 40)
     assert forecast.low < forecast.mean < forecast.high
     # Fewer validation images, noisier points: a wider interval.
     noisy, _ = forecast_pilot(_run(0, val=100), 0.95)
+    assert noisy is not None
     assert noisy.high - noisy.low > forecast.high - forecast.low
-    # A pilot that ends inside its warm-up forecasts nothing: its last value.
+
+
+def test_a_pilot_that_ends_in_its_warm_up_gives_no_forecast() -> None:
     none, points = forecast_pilot(_run(400), 0.95)
-    assert points == 1 and none.low == none.mean == none.high == 1 - 0.8 / 20
+    assert none is None and points == 1
 
 
 def test_below_the_floor_nothing_is_measured(
@@ -56,10 +67,15 @@ def test_below_the_floor_nothing_is_measured(
 ) -> None:
     cfg = make_config(image_folder)  # 10 images per class < 100
     size = measure(
-        cfg, load_images(cfg), Path("unused.h5"), ("top", "none"), different=True
+        cfg,
+        load_images(cfg),
+        Path("unused.h5"),
+        ("top", "none"),
+        options=[_option(32, 1.0)],
+        allowance=lambda: math.inf,
     )
     assert not size.measured and not size.finetune and size.rule == "floor"
-    assert size.pilot is None and size.floor == 100
+    assert size.pilots == () and size.reference is None and size.floor == 100
 
 
 def test_above_the_floor_validation_images_are_required(
@@ -68,17 +84,33 @@ def test_above_the_floor_validation_images_are_required(
     cfg = make_config(image_folder, "advise.small_per_class=2", "data.val_fraction=0")
     with pytest.raises(DataError, match=r"class\(es\) \['cat', 'dog'\] have no vali"):
         measure(
-            cfg, load_images(cfg), Path("unused.h5"), ("top", "none"), different=False
+            cfg,
+            load_images(cfg),
+            Path("unused.h5"),
+            ("top", "none"),
+            options=[],
+            allowance=lambda: math.inf,
         )
 
 
-def test_when_fine_tuning_wins_on_different_data_a_scratch_pilot_runs_too(
+def _option(size: int, pilot_seconds: float) -> FinetuneOption:
+    settings = {"finetune.init": "pretrained", "finetune.input_size": size}
+    return FinetuneOption(
+        f"fine-tune pretrained {size} px",
+        f"pretrained-{size}",
+        settings,
+        10.0,
+        pilot_seconds,
+    )
+
+
+def test_pilots_run_cheapest_first_while_the_advice_may_spend(
     image_folder: Path,
     make_config: Callable[..., Config],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Case 4's question: a second, real pilot from random weights on the same
-    budget, set against the pretrained pilot's forecast; not on similar data."""
+    """Each candidate's pilot runs with its own settings in its own folder;
+    a pilot that would overrun the advice's share of run.budget is skipped."""
     cfg = make_config(
         image_folder,
         "advise.small_per_class=2",
@@ -87,29 +119,34 @@ def test_when_fine_tuning_wins_on_different_data_a_scratch_pilot_runs_too(
         "finetune.epochs=2",
         "finetune.batch_size=4",
         "finetune.num_workers=0",
+        "finetune.init=pretrained",
     )
     images = load_images(cfg)
     val = [r.path for r in images.records if r.split == "val"]
-    # The frozen probe is stubbed (no cache needed); the pilots are real. Every
-    # pilot "wins", so the decision reaches the scratch pilot and takes it.
-    curve = (CurvePoint(images.counts()["train"].total(), 0.0),)
-    monkeypatch.setattr(
-        "pipeline.advisor.size.frozen_curve",
-        lambda *a: (curve, None, {p: False for p in val}),
+    # The codes path's classifier is stubbed (no cache needed); the pilots are
+    # real, at 32 and 48 px.
+    reference = Reference(
+        "top/none", "logistic", 1.0, Interval(0.5, 0.4, 0.6, 0.95, "t", 5), 0.5, 1.0
     )
-    monkeypatch.setattr(Pilot, "wins", lambda self, margin: "ahead")
-    code = ("top", "none")
-
-    similar = measure(cfg, images, Path("unused.h5"), code, different=False)
-    assert similar.finetune and similar.scratch is None and similar.init == "pretrained"
-    assert not cfg.layout.pilot("scratch").exists()
-
-    size = measure(cfg, images, Path("unused.h5"), code, different=True)
-    assert size.pilot == similar.pilot  # the pretrained pilot is reused
-    scratch = size.scratch
-    assert scratch is not None and scratch.init == "scratch" and size.init == "scratch"
-    assert scratch.budget == size.pilot.budget and scratch.images > 0
-    assert scratch.reference == size.pilot.forecast
-    record = json.loads((cfg.layout.pilot("scratch") / "pilot.json").read_text())
-    assert record["pilot"]["init"] == "scratch"
-    assert record["pilot"]["budget"] == scratch.budget
+    curve = (CurvePoint(images.counts()["train"].total(), 0.5),)
+    monkeypatch.setattr(
+        "pipeline.advisor.size.codes_reference",
+        lambda *a: (reference, curve, None, {p: False for p in val}),
+    )
+    left = iter([100.0, 0.5])  # then 0.5 s: less than the second pilot's 1 s
+    size = measure(
+        cfg,
+        images,
+        Path("unused.h5"),
+        ("top", "none"),
+        options=[_option(32, 1.0), _option(48, 1.0)],
+        allowance=lambda: next(left),
+    )
+    assert size.measured and size.reference == reference
+    assert [p.name for p in size.pilots] == ["fine-tune pretrained 32 px"]
+    pilot = size.pilots[0]
+    assert pilot.settings["finetune.input_size"] == 32 and pilot.images > 0
+    assert pilot.reference == 0.5 and pilot.images_per_second > 0
+    record = json.loads((cfg.layout.pilot("pretrained-32") / "pilot.json").read_text())
+    assert record["pilot"]["budget"] == pilot.budget
+    assert not cfg.layout.pilot("pretrained-48").exists()

@@ -28,21 +28,21 @@ from tests.pipeline.advisor.test_record import (
 
 
 @pytest.mark.parametrize(
-    "verdict, gain, finetune, init, case",
+    "verdict, gain, finetune, case",
     [
-        ("similar", (0.0, -0.004, 0.006), False, "pretrained", 1),
-        ("different", (0.05, 0.02, 0.08), False, "pretrained", 2),
-        ("undecided", (0.01, -0.02, 0.04), False, "pretrained", 2),  # cheaper
-        ("similar", (0.0, -0.004, 0.006), True, "pretrained", 3),
-        ("undecided", (0.01, -0.02, 0.04), True, "pretrained", 3),  # no scratch
-        ("different", (0.05, 0.02, 0.08), True, "scratch", 4),
+        ("similar", (0.0, -0.004, 0.006), False, 1),
+        ("different", (0.05, 0.02, 0.08), False, 2),
+        ("undecided", (0.01, -0.02, 0.04), False, 2),  # cheaper
+        ("similar", (0.0, -0.004, 0.006), True, 3),
+        ("undecided", (0.01, -0.02, 0.04), True, 3),
+        ("different", (0.05, 0.02, 0.08), True, 4),
     ],
 )
 def test_decide_follows_the_four_case_table(
-    verdict: str, gain: tuple[float, float, float], finetune: bool, init: str, case: int
+    verdict: str, gain: tuple[float, float, float], finetune: bool, case: int
 ) -> None:
     advice = stage.decide(
-        similarity(verdict, interval(*gain)), size(finetune, init), DEPTHS, DOMAIN
+        similarity(verdict, interval(*gain)), size(finetune), DEPTHS, DOMAIN
     )
     assert advice.case == case
     assert advice.large == finetune and advice.similar == (verdict != "different")
@@ -50,7 +50,7 @@ def test_decide_follows_the_four_case_table(
         layer = "top" if case == 1 else "layer2"
         assert advice.settings["train.layer"] == layer
     else:
-        assert advice.settings["finetune.init"] == init
+        assert advice.settings["finetune.init"] == "pretrained"
     if verdict == "undecided" and case == 2:
         assert "undecided: layer2 and top are within noise" in advice.settings["note"]
 
@@ -212,12 +212,13 @@ def test_above_the_floor_the_pilot_runs_within_its_budget(
 ) -> None:
     advice, cfg = piloted["advice"], piloted["cfg"]
     z = advice.size
-    assert (
-        z.measured and z.pilot is not None and z.rule in ("ahead", "forecast", "codes")
-    )
-    p = z.pilot
+    assert z.measured and z.pilots and z.rule in ("ahead", "forecast", "codes")
+    p = z.pilot("fine-tune pretrained 32 px")
+    assert p is not None  # and partly frozen (from layer4.1), cheaper, first
+    assert [q.name for q in z.pilots][-1] == p.name
     # Images processed, counted at the network: within the budget, half the full.
-    assert sum(piloted["seen"]) == p.images <= p.budget == p.full // 2
+    assert sum(piloted["seen"]) == sum(q.images for q in z.pilots)
+    assert p.images <= p.budget == p.full // 2
     assert p.share == 0.5 and p.epochs == 1 and p.resumable
     assert [c.images for c in p.curve][-1] == p.images and len(p.curve) >= 2
     assert [c.images for c in z.frozen_curve] == sorted(
@@ -226,10 +227,15 @@ def test_above_the_floor_the_pilot_runs_within_its_budget(
     assert z.frozen_curve[-1].images == advice.size.images
     assert p.versus.low <= p.versus.mean <= p.versus.high
     saved = json.loads(cfg.layout.advice.read_text())
-    assert saved["size"]["pilot"]["budget"] == p.budget  # settings, cost, outcome
-    assert saved["size"]["pilot"]["seconds"] > 0 and saved["seconds"]["size"] > 0
-    assert saved["size"]["rule"] == z.rule and "pilot fine-tune" in saved["reasons"][0]
-    assert (cfg.layout.pilot("pretrained") / "finetune" / "last.pt").exists()
+    first = saved["size"]["pilots"][-1]
+    assert first["budget"] == p.budget  # settings, cost, outcome
+    assert first["seconds"] > 0 and saved["seconds"]["size"] > 0
+    assert saved["size"]["rule"] == z.rule and "pilot of" in saved["reasons"][0]
+    assert (cfg.layout.pilot("pretrained-32") / "finetune" / "last.pt").exists()
+    # Every candidate weighed is in the record, with its expected time.
+    names = [c["name"] for c in saved["candidates"]]
+    assert "fine-tune pretrained 32 px" in names and saved["chosen"] in names
+    assert all(c["seconds"] > 0 for c in saved["candidates"])
 
 
 def test_a_rerun_reuses_the_advice_and_the_pilot_until_something_changes(
@@ -250,7 +256,7 @@ def test_a_rerun_reuses_the_advice_and_the_pilot_until_something_changes(
     with monkeypatch.context() as patch:
         patch.setattr(finetune, "pilot", refuse)
         looser = stage.run(replace(cfg, advise=replace(cfg.advise, top_margin=0.5)))
-    assert looser.similarity.margin == 0.5 and looser.size.pilot == first.size.pilot
+    assert looser.similarity.margin == 0.5 and looser.size.pilots == first.size.pilots
     # An image changed: advised again, pilot included.
     before = json.loads(cfg.layout.advice.read_text())["stamp"]
     write_png(piloted["root"] / "cat" / "00.png", seed=999)
@@ -260,5 +266,5 @@ def test_a_rerun_reuses_the_advice_and_the_pilot_until_something_changes(
         finetune, "pilot", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     changed = stage.run(cfg)
-    assert calls == [1] and changed.size.pilot is not None
+    assert calls == [1] * len(first.size.pilots) and changed.size.pilots
     assert json.loads(cfg.layout.advice.read_text())["stamp"] != before
