@@ -33,7 +33,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from features.errors import OutputError, RecordError, StageInputError
+from features.errors import (
+    OutputError,
+    PipelineError,
+    RecordError,
+    StageInputError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +151,38 @@ def read_optional_json(path: Path, *, fix: str = "") -> Any:
         return read_json(path, fix=fix)
     except StageInputError:
         return None
+
+
+def read_torch(
+    path: Path,
+    *,
+    what: str,
+    fix: str,
+    error: type[PipelineError] = RecordError,
+) -> Any:
+    """A file `torch.save` wrote, loaded without running any code it holds.
+
+    `weights_only=True` refuses pickled objects other than tensors and
+    containers; a planted pickle, a damaged zip or another format is one
+    `error` naming the file, `what` it should be, the reason and `fix`.
+
+    Raises:
+        StageInputError: the file is missing.
+        PipelineError: `error`, when the file cannot be loaded safely.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise StageInputError(f"{path} not found; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors all mean "unreadable"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise error(
+            f"{path} is not {what} that loads safely ({type(err).__name__}: "
+            f"{reason}); {fix}"
+        ) from None
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
@@ -277,19 +314,37 @@ def check_output_file(path: Path, *, setting: str | None = None) -> Path:
 
 def writing_error(err: BaseException) -> bool:
     """Whether `err` means "this path cannot be written" (not a bug of ours)."""
-    code = getattr(err, "errno", None)
-    if code in (*_NO_SPACE, *_NOT_WRITABLE, *_NOT_A_FOLDER, errno.EISDIR):
-        return True
-    # NOTE: h5py reports HDF5 write failures as RuntimeError or OSError whose
-    # text carries the C errno ("errno = 28") but whose .errno is None.
-    text = str(err)
-    return "errno = 28" in text or "No space left" in text or "Read-only" in text
+    return _writing_cause(err) is not None
+
+
+def _writing_cause(err: BaseException) -> BaseException | None:
+    """`err`, or the exception it was raised from or during, that says the
+    path cannot be written.
+
+    NOTE: torch.save on a full disk raises RuntimeError("... unexpected pos
+    ...") while handling the file's OSError(ENOSPC), which stays only as the
+    context; h5py reports HDF5 write failures as RuntimeError or OSError
+    whose text carries the C errno ("errno = 28") but whose .errno is None.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = getattr(current, "errno", None)
+        if code in (*_NO_SPACE, *_NOT_WRITABLE, *_NOT_A_FOLDER, errno.EISDIR):
+            return current
+        text = str(current)
+        if "errno = 28" in text or "No space left" in text or "Read-only" in text:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def output_error(
     path: Path, err: BaseException, *, setting: str | None = None
 ) -> OutputError:
     """The one error for a path that cannot be written, with its fix."""
+    err = _writing_cause(err) or err
     code = getattr(err, "errno", None)
     text = str(err)
     if code in _NO_SPACE or "errno = 28" in text or "No space left" in text:

@@ -189,6 +189,18 @@ class BackboneConfig(_Section):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_name()
+        self.check_input_size(self.input_size, "[backbone] input_size")
+
+    def check_input_size(self, size: int | None, setting: str) -> None:
+        """Refuse a side this backbone cannot take (a torchvision ViT's other
+        than its own) now, not as a traceback inside the first forward pass."""
+        from features.backbones import check_input_size
+        from features.errors import BackboneError
+
+        try:
+            check_input_size(self.name, self.weights, size)
+        except BackboneError as err:
+            raise ConfigError(f"{setting}: {err}") from None
 
     def _check_name(self) -> None:
         # NOTE: imported here: reading the config module stays torch-free, and
@@ -610,6 +622,11 @@ class Config:
     advise: AdviseConfig = field(default_factory=AdviseConfig)
     run: RunConfig = field(default_factory=RunConfig)
     source: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.backbone.check_input_size(
+            self.finetune.input_size, "[finetune] input_size"
+        )
 
     @property
     def cache_dir(self) -> Path:

@@ -29,14 +29,14 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from features.atomic import read_json
+from features.atomic import read_json, read_torch
 from features.backbones import (
     Backbone,
     build_backbone,
     is_weights_path,
     sha256_of,
 )
-from features.errors import CacheMismatchError, StageInputError
+from features.errors import CacheMismatchError, RecordError, StageInputError
 from features.extractor import CodeModel
 from features.heads import Scores, head_scores, load_head
 from features.names import MODEL_KINDS
@@ -365,8 +365,20 @@ class FinetunedModel(TrainedModel):
             num_classes=len(self.label_names),
         )
         network = ImageClassifier(backbone.model, backbone.preprocessing)
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        network.load_state_dict(state)
+        state = read_torch(
+            file,
+            what="the fine-tuned weights quadrant wrote",
+            fix=RETRAIN["finetune"],
+            error=RecordError,
+        )
+        try:
+            network.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as err:
+            raise RecordError(
+                f"{file} holds weights of another network than model.json "
+                f"describes ({' '.join(str(err).split())[:300]}); "
+                f"{RETRAIN['finetune']}"
+            ) from None
         return network.eval()
 
     @torch.inference_mode()

@@ -23,6 +23,7 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model, list_models
 
+from features.atomic import read_torch
 from features.backbones import efficientnet_lite, timm_backbones, torchvision_weights
 from features.errors import BackboneError, WeightsNotFoundError
 from features.transforms import Preprocessing
@@ -121,6 +122,7 @@ def build_backbone(
     """
     check_backbone_name(name)
     prep = _native_preprocessing(name, weights).updated(preprocessing or {})
+    check_input_size(name, weights, prep.input_size)
     extras: dict[str, Any] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -135,14 +137,42 @@ def build_backbone(
     return Backbone(name, model.eval(), prep, weights, file, digest, extras)
 
 
+def fixed_input_size(name: str, weights: str) -> int | None:
+    """The only input side the backbone takes (a torchvision ViT or MaxViT),
+    or None when it takes any; timm ViTs are rebuilt for the side asked."""
+    if timm_backbones.is_timm_name(name) or name.startswith(_LITE_PREFIX):
+        return None
+    return torchvision_weights.fixed_input_size(name, _torchvision_tag(weights))
+
+
+def check_input_size(name: str, weights: str, input_size: int | None) -> None:
+    """Refuse an input side the architecture cannot run before any image is read.
+
+    Raises:
+        BackboneError: naming the side the backbone takes and the fix.
+    """
+    fixed = None if input_size is None else fixed_input_size(name, weights)
+    if fixed is not None and input_size != fixed:
+        raise BackboneError(
+            f"{name} takes only {fixed}x{fixed} inputs (its layers are sized for "
+            f"that side), got input_size {input_size}; remove the input_size "
+            f"setting or set it to {fixed}, or pick a backbone that takes any "
+            "size (a CNN, or timm/<vit model>, which is rebuilt for the size)"
+        )
+
+
+def _torchvision_tag(weights: str) -> str:
+    """The weights enum tag; random and local weights use the default's shapes."""
+    return weights if weights != RANDOM and not is_weights_path(weights) else DEFAULT
+
+
 def _native_preprocessing(name: str, weights: str) -> Preprocessing:
     if timm_backbones.is_timm_name(name):
         return timm_backbones.preprocessing(name)
     if name.startswith(_LITE_PREFIX):
         native = efficientnet_lite.preprocessing(_lite_variant(name))
         return Preprocessing(**native)  # type: ignore[arg-type]
-    known = weights != RANDOM and not is_weights_path(weights)
-    return torchvision_weights.preprocessing(name, weights if known else DEFAULT)
+    return torchvision_weights.preprocessing(name, _torchvision_tag(weights))
 
 
 def _lite_variant(name: str) -> str:
@@ -231,6 +261,10 @@ def _architecture(name: str, input_size: int, num_classes: int | None) -> nn.Mod
         return efficientnet_lite.EfficientNetLite(
             _lite_variant(name), image_size=input_size, **kwargs
         )
+    if name.startswith("vit_"):
+        # NOTE: torchvision builds every ViT for 224 px unless told; vit_h_14's
+        # weights are for 518 px (`check_input_size` has made the sides agree).
+        kwargs["image_size"] = input_size
     return get_model(name, weights=None, **kwargs)
 
 
@@ -241,13 +275,12 @@ def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
         )
     if file.suffix == ".safetensors":
         return _read_safetensors(file)
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and torch errors all mean "not weights"
-        raise BackboneError(
-            f"{file} is not a PyTorch weights file ({type(err).__name__}: {err}). "
-            "Save weights with torch.save(model.state_dict(), path)."
-        ) from err
+    state = read_torch(
+        file,
+        what="a PyTorch weights file",
+        fix="save weights with torch.save(model.state_dict(), path)",
+        error=BackboneError,
+    )
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

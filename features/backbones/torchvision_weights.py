@@ -62,6 +62,23 @@ def preprocessing(name: str, tag: str) -> Preprocessing:
         return Preprocessing()
 
 
+# Architectures whose layers are sized for one input side: a ViT learns one
+# position embedding per patch of that side, MaxViT partitions its feature
+# maps into fixed 7x7 windows. Any other side fails inside forward().
+_FIXED_SIZE_PREFIXES = ("vit_", "maxvit_")
+
+
+def fixed_input_size(name: str, tag: str) -> int | None:
+    """The only input side `name` with weights `tag` takes, or None for any.
+
+    Callers pass "default" for random and local weights: the architecture's
+    usual side.
+    """
+    if not name.startswith(_FIXED_SIZE_PREFIXES):
+        return None
+    return int(weights_enum(name, tag).meta["min_size"][0])
+
+
 def cache_path(url: str) -> Path:
     """Where torch hub keeps (or would keep) the file of `url`."""
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name

@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass, replace
 from typing import Any
 
-from features.backbones import Backbone
+from features.backbones import Backbone, fixed_input_size
 from features.data import ImageSet
 from features.errors import ImageDecodeError
 from features.images import probe_image
@@ -97,6 +97,8 @@ def finetune_options(
     different, from scratch.
     """
     sizes = input_sizes(native_side(images), backbone.preprocessing.input_size)
+    if fixed_input_size(backbone.name, backbone.weights) is not None:
+        sizes = [backbone.preprocessing.input_size]
     options = [{"finetune.init": "pretrained", "finetune.input_size": s} for s in sizes]
     small = sizes[0]
     # NOTE: a depth's name is its layer, with the pooling when not plain.

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from features.atomic import atomic_open, write_json, write_text
+from features.atomic import atomic_open, read_torch, write_json, write_text
 from features.errors import CheckpointError
 from pipeline import plots
 from pipeline.layout import ModelFiles
@@ -52,13 +52,12 @@ def load(path: Path) -> dict[str, Any]:
     """
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; run without --resume to start")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # zip, pickle and torch errors all mean "unreadable"
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(err).__name__}: {err}); "
-            "delete it and use --restart"
-        ) from err
+    state = read_torch(
+        path,
+        what="a readable checkpoint",
+        fix="delete it and use --restart",
+        error=CheckpointError,
+    )
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a quadrant fine-tuning checkpoint")
     if state.get("format_version") != FORMAT_VERSION:

@@ -56,6 +56,18 @@ BAD = [
     ("[backbone]\nname = 'resnet5'\n", r"name = 'resnet5' is not a known backbone"),
     ("[backbone]\nmean = [0.5]\n", r"mean must have 3 values"),
     ("[backbone]\ninput_size = 4\n", r"input_size must be >= 8"),
+    (
+        "[backbone]\nname = 'vit_b_16'\ninput_size = 32\n",
+        r"\[backbone\] input_size: vit_b_16 takes only 224x224 inputs .* set it to 224",
+    ),
+    (
+        "[backbone]\nname = 'vit_b_16'\n[finetune]\ninput_size = 64\n",
+        r"\[finetune\] input_size: vit_b_16 takes only 224x224 inputs",
+    ),
+    (
+        "[train]\nn_jobs = 0\n",
+        r"\[train\] n_jobs must be a number of parallel jobs.*0 runs nothing, got 0",
+    ),
     ("[run]\nstrategy = 'best'\n", r"strategy = 'best' is not one of"),
     (
         "[run]\nseed = -1\n",

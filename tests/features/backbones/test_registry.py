@@ -7,7 +7,13 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from features.backbones import available_backbones, build_backbone
+from features.backbones import (
+    available_backbones,
+    build_backbone,
+    check_input_size,
+    fixed_input_size,
+    registry,
+)
 from features.backbones.torchvision_weights import cache_path, weights_enum
 from features.errors import BackboneError, WeightsNotFoundError
 
@@ -15,6 +21,49 @@ from features.errors import BackboneError, WeightsNotFoundError
 def test_available_backbones_lists_torchvision_and_lite() -> None:
     names = available_backbones()
     assert {"resnet50", "convnext_tiny", "vit_b_16", "efficientnet_lite0"} <= set(names)
+
+
+@pytest.mark.parametrize(
+    "name, weights, side",
+    [
+        ("vit_b_16", "default", 224),
+        ("vit_b_16", "random", 224),
+        ("vit_h_14", "default", 518),
+        ("vit_b_16", "IMAGENET1K_SWAG_E2E_V1", 384),
+        ("maxvit_t", "default", 224),
+        ("resnet18", "default", None),
+        ("swin_t", "default", None),
+        ("efficientnet_lite0", "default", None),
+        ("timm/vit_tiny_patch16_224", "default", None),
+    ],
+)
+def test_fixed_input_size_names_the_side_a_vit_takes(
+    name: str, weights: str, side: int | None
+) -> None:
+    assert fixed_input_size(name, weights) == side
+
+
+def test_a_vit_at_another_side_is_refused_before_it_is_built() -> None:
+    check_input_size("vit_b_16", "default", 224)
+    with pytest.raises(BackboneError, match=r"vit_b_16 takes only 224x224 inputs"):
+        build_backbone("vit_b_16", "random", preprocessing={"input_size": 32})
+
+
+def test_a_vit_is_built_for_the_side_of_its_weights(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # vit_h_14's default weights are for 518 px, not torchvision's 224 default
+    # (building the real 632M-parameter model here would take a minute).
+    built: dict[str, object] = {}
+
+    def spy(name: str, **kwargs: object) -> torch.nn.Module:
+        built.update(kwargs, name=name)
+        return torch.nn.Linear(1, 1)
+
+    monkeypatch.setattr(registry, "get_model", spy)
+    backbone = build_backbone("vit_h_14", "random")
+    assert backbone.preprocessing.input_size == 518
+    assert built == {"name": "vit_h_14", "weights": None, "image_size": 518}
 
 
 def test_torchvision_weights_offline_error_names_file_and_fix(

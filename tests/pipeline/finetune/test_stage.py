@@ -96,6 +96,70 @@ def test_resume_gives_the_same_weights_as_a_straight_run(
         assert torch.equal(straight[key], resumed[key]), key
 
 
+class _Planted:
+    """A pickle that would leave a marker file if anything unpickled it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_pickle_is_refused_by_name_and_never_runs(tmp_path: Path) -> None:
+    from features.backbones import sha256_of
+    from features.errors import RecordError
+    from pipeline import export
+
+    root = write_classes(tmp_path / "data")
+    cfg = config(root, tmp_path / "run", "finetune.epochs=1")
+    finetune.run(cfg)
+    model = tmp_path / "run" / "models" / "finetune"
+    marker = tmp_path / "ran"
+    torch.save({"x": _Planted(marker)}, model / "model.pt")
+    record = json.loads((model / "model.json").read_text())
+    record["weights"]["sha256"] = sha256_of(model / "model.pt")
+    (model / "model.json").write_text(json.dumps(record))
+    for command in (evaluate.run, export.run):
+        with pytest.raises(
+            RecordError,
+            match=r"model\.pt is not the fine-tuned weights quadrant wrote that "
+            r"loads safely \(UnpicklingError: .*\); run `quadrant finetune "
+            r"--restart` again",
+        ):
+            command(cfg)
+    assert not marker.exists()
+
+
+@pytest.mark.skipif(
+    subprocess.run(["unshare", "-r", "-m", "true"], capture_output=True).returncode,
+    reason="needs `unshare -r -m` to mount a small tmpfs",
+)
+def test_a_disk_that_fills_while_fine_tuning_is_one_clear_error(
+    tmp_path: Path,
+) -> None:
+    root = write_classes(tmp_path / "data")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    repo = Path(__file__).resolve().parents[3]
+    # A tmpfs of 2 MB takes the run folder's records but not the 45 MB
+    # checkpoint of resnet18, which torch.save writes in pieces.
+    script = (
+        f"mount -t tmpfs -o size=2m tmpfs {disk} && cd {repo} && "
+        f"{sys.executable} -m pipeline finetune --set data.root='{root}' "
+        f"--set run.out='{disk}/run' "
+        + " ".join(f'--set "{s}"' for s in (*TINY, "finetune.epochs=1"))
+        + f"; echo exit=$?; find {disk} -name '*.pt*'"
+    )
+    result = subprocess.run(
+        ["unshare", "-r", "-m", "sh", "-c", script], capture_output=True, text=True
+    )
+    assert "exit=1" in result.stdout, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert "no space left on that disk" in result.stderr, result.stderr
+    assert ".pt" not in result.stdout.split("exit=1")[1]  # no partial checkpoint
+
+
 def test_existing_checkpoint_needs_resume_or_restart(tmp_path: Path) -> None:
     root = write_classes(tmp_path / "data")
     cfg = config(root, tmp_path / "run", "finetune.epochs=1")
