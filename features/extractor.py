@@ -41,7 +41,7 @@ import numpy.typing as npt
 import torch
 import torchvision
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from features.atomic import check_free_space
 from features.backbones import Backbone
@@ -88,6 +88,7 @@ from features.gpu_decode import (
     resolve_decoder,
 )
 from features.images import read_plain_jpeg
+from features.interrupts import InterruptibleLoader
 from features.layers import (
     as_nchw,
     build_feature_extractor,
@@ -845,7 +846,7 @@ def _loader(
     log.info("loader: %s", plan.describe())
     if plan.forward_threads:
         compute.set_threads(plan.forward_threads)
-    loader = DataLoader(
+    loader = InterruptibleLoader(
         Subset(dataset, rows),
         batch_size=options.batch_size,
         num_workers=plan.workers,

@@ -24,6 +24,7 @@ from features.data import ImageSet
 from features.devices import default_workers
 from features.errors import ImageDecodeError
 from features.images import probe_image
+from features.interrupts import InterruptibleLoader
 from features.settings import TRAIN_CROP_SCALE, Decoding
 from features.transforms import INTERPOLATION_MODES, Preprocessing, eval_transform
 from pipeline.config import Config
@@ -234,7 +235,7 @@ def loader(
             if world > 1
             else EpochSampler(len(dataset), seed)
         )
-    return DataLoader(
+    return InterruptibleLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
