@@ -83,12 +83,19 @@ def run(cfg: Config) -> ExportResult:
     model = load_model(select_model(cfg.layout, cfg.run.model))
     images = load_images(cfg)
     model.check_labels(images.label_names)
+    _check_variants_possible(cfg, images)
     files = model.files
     prep = model.preprocessing
     pixels = load_pixels(cfg, _parity_records(images, cfg.export.parity_images), prep)
     graph = model.onnx_graph(opset=cfg.export.opset, input_dtype=_input_dtype(cfg))
     _describe(graph, cfg, model)
     worst = _save_checked(graph, files, pixels, model, cfg)
+    try:
+        variants = _variants(cfg, files, images, model)
+    except BaseException:
+        # model.onnx is new: an export.json of the old one must not stay beside it.
+        files.export_summary.unlink(missing_ok=True)
+        raise
     result = ExportResult(
         files.onnx,
         model.kind,
@@ -96,10 +103,28 @@ def run(cfg: Config) -> ExportResult:
         worst,
         True,
         files.onnx.stat().st_size,
-        _variants(cfg, files, images, model),
+        variants,
     )
     _write_summary(cfg, model, result)
     return result
+
+
+def _check_variants_possible(cfg: Config, images: ImageSet) -> None:
+    """fp16 and int8 copies are scored on the test split: refuse before any
+    file is written when there is none.
+
+    Raises:
+        DataError: naming the settings and the fix.
+    """
+    wanted = {"export.fp16 = false": cfg.export.fp16}
+    wanted["export.int8 = 'none'"] = cfg.export.int8 != "none"
+    offs = [off for off, on in wanted.items() if on]
+    if offs and not any(r.split == "test" for r in images.records):
+        raise DataError(
+            "the fp16/int8 copies are checked for accuracy on the test split, and "
+            "the data has no test images: set data.test_fraction > 0 (or add a "
+            f"test/ folder), or set {' and '.join(offs)}"
+        )
 
 
 def export_stamp(cfg: Config, model: TrainedModel) -> str:
@@ -219,8 +244,6 @@ def _variants(
     if not any(wanted.values()):
         return {}
     test = [r for r in images.records if r.split == "test"]
-    if not test:
-        raise DataError("fp16/int8 accuracy needs a test split; set data.test_fraction")
     pixels, kept = decode_pixels(
         cfg, [images.absolute(r) for r in test], model.preprocessing
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import onnx
 import pytest
 
 from features import load_codes
-from features.errors import ExportParityError, StageInputError
+from features.errors import DataError, ExportParityError, StageInputError
 from features.onnx_engine import session
 from pipeline import evaluate, export, extract, finetune, inputs, predict, sweep, train
 from pipeline.config import Config
@@ -252,6 +253,46 @@ def test_fp16_and_int8_variants_report_accuracy(
         assert variant.fp32_accuracy == result.variants["fp16"].fp32_accuracy
     saved = json.loads(cfg.layout.model("codes").export_summary.read_text())
     assert set(saved["variants"]) == {"fp16", "int8"}
+
+
+def test_copies_without_a_test_split_are_refused_before_any_file_changes(
+    three_classes: Path, make_config: MakeConfig
+) -> None:
+    cfg = make_config(three_classes, "train.cv_folds=2")
+    train.run(cfg)
+    export.run(cfg)
+    files = cfg.layout.model("codes")
+    before = {p: p.read_bytes() for p in (files.onnx, files.export_summary)}
+    no_test = replace(
+        cfg,
+        data=replace(cfg.data, test_fraction=0.0),
+        export=replace(cfg.export, fp16=True, int8="dynamic"),
+    )
+    with pytest.raises(
+        DataError,
+        match=r"checked for accuracy on the test split, and the data has no test "
+        r"images: set data.test_fraction > 0 \(or add a test/ folder\), or set "
+        r"export.fp16 = false and export.int8 = 'none'",
+    ):
+        export.run(no_test)
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_a_failed_copy_leaves_no_record_of_the_old_export(
+    three_classes: Path, make_config: MakeConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = make_config(three_classes, "train.cv_folds=2")
+    train.run(cfg)
+    export.run(cfg)
+
+    def broken(path: Path, out: Path) -> Path:
+        raise OSError("the converter failed")
+
+    monkeypatch.setattr(export, "_to_fp16", broken)
+    with pytest.raises(OSError, match="the converter failed"):
+        export.run(replace(cfg, export=replace(cfg.export, fp16=True)))
+    files = cfg.layout.model("codes")
+    assert files.onnx.is_file() and not files.export_summary.exists()
 
 
 @pytest.mark.parametrize("int8", ["static", "dynamic"])
