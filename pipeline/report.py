@@ -86,7 +86,14 @@ def _run_of(summary: Path, model: TrainedModel) -> dict[str, Any]:
 
 def _headline(model: TrainedModel, run: dict[str, Any]) -> str:
     if "case" in run:
-        return f"Case {run['case']}: {CASES[int(run['case'])]}"
+        case = f"Case {run['case']}: {CASES[int(run['case'])]}"
+        if run.get("chosen_by") == "run.strategy":
+            # NOTE: a forced case has no measurement behind "small, different".
+            return (
+                f"{case}, as set by run.strategy = {run.get('strategy')!r} (the "
+                "advisor did not measure size or similarity)"
+            )
+        return f"{case}, chosen by the advisor"
     made_by = "quadrant train" if model.kind == "codes" else "quadrant finetune"
     return f"Model: {model.title} (made by `{made_by}`)"
 
@@ -122,7 +129,12 @@ def _training(model: TrainedModel) -> dict[str, Any]:
     files: ModelFiles = model.files
     if isinstance(model, CodesModel):
         data = _json(files.train_summary)
-        train = None if data is None else {**data, "cv_score": data["cv"]["best_score"]}
+        # The layer and pooling are the codes' (train.json is the model record).
+        train = (
+            None
+            if data is None
+            else {**data, **data["codes"], "cv_score": data["cv"]["best_score"]}
+        )
         return {"train": train, "train_png": _png(files.train_plot)}
     return {
         "finetune": _json(files.history_json),

@@ -96,6 +96,8 @@ def run(cfg: Config, *, predict_paths: Sequence[Path] = ()) -> RunResult:
         predictions = out
     summary = {
         "case": case,
+        "chosen_by": "advisor" if advice is not None else "run.strategy",
+        "strategy": cfg.run.strategy,
         "model": {"kind": model.kind, "created": model.record["created"]},
         "timings": timings,
         "reused": reused,

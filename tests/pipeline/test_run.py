@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -127,3 +129,19 @@ def test_the_fine_tune_continues_the_advisors_pilot(
     forecast = "the pilot alone decides" if p.forecast is None else f"{p.forecast:.3f}"
     assert forecast in html and "Cost of the advice" in html
     assert "Candidates weighed" in html and p.name in html
+
+
+def test_the_report_says_a_forced_case_was_the_users_choice(
+    image_folder: Path, make_config: Callable[..., Config]
+) -> None:
+    cfg = make_config(image_folder, "run.strategy=2", "train.cv_folds=2")
+    result = run_stage.run(cfg)
+    html = result.report.read_text()
+    assert re.search(
+        r'class="case">Case 2: small, different: [^<]*, as set by run.strategy = '
+        r"&#39;2&#39; \(the advisor did not measure size or similarity\)<",
+        html,
+    )
+    codes = json.loads(result.model.record.read_text())["codes"]
+    assert codes["layer"] and codes["pooling"]
+    assert f"on <code>{codes['layer']}/{codes['pooling']}</code>" in html
