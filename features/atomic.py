@@ -112,6 +112,31 @@ def write_json(path: Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def require_file(
+    path: Path,
+    *,
+    what: str = "",
+    fix: str,
+    error: type[PipelineError] = StageInputError,
+) -> Path:
+    """`path`, when it is a file; else one `error` saying it is missing or a
+    folder (a path to a folder is a different mistake from a typo).
+
+    Args:
+        path: the file wanted.
+        what: what the file is ("config file"), put before the path.
+        fix: how the user gets it right.
+        error: the exception class to raise.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    name = f"{what} {path}" if what else str(path)
+    if path.is_dir():
+        raise error(f"{name} is a folder, not a file; {fix}")
+    raise error(f"{name} not found; {fix}")
+
+
 def read_json(path: Path, *, fix: str = "") -> Any:
     """The data of a JSON record `write_json` wrote, read back whole.
 
@@ -128,8 +153,9 @@ def read_json(path: Path, *, fix: str = "") -> Any:
     hint = f"; {fix}" if fix else ""
     try:
         text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise StageInputError(f"{path} not found{hint}") from None
+    except (FileNotFoundError, IsADirectoryError):
+        require_file(path, fix=fix or "run the command that writes it")
+        raise
     except (OSError, UnicodeDecodeError) as err:
         raise RecordError(f"{path} cannot be read ({err}){hint}") from None
     try:
@@ -172,9 +198,7 @@ def read_torch(
     """
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise StageInputError(f"{path} not found; {fix}")
+    path = require_file(path, fix=fix)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors all mean "unreadable"

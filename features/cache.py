@@ -61,6 +61,7 @@ from features.atomic import (
     make_folder,
     output_error,
     read_optional_json,
+    require_file,
     write_text,
 )
 from features.errors import (
@@ -633,11 +634,13 @@ def open_cache(path: Path) -> Iterator[h5py.File]:
             files it links are missing.
         CacheMismatchError: the file has another format version.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise StageInputError(
-            f"code cache {path} not found; run `quadrant extract` to create it"
-        )
+    path = require_file(
+        path,
+        what="code cache",
+        fix="pass a cache file (the .h5 files under <run.out>/cache), or run "
+        "`quadrant extract` to create one",
+    )
+    _check_is_hdf5(path)
     try:
         h5 = h5py.File(path, "r")
     except OSError as err:
@@ -651,6 +654,27 @@ def open_cache(path: Path) -> Iterator[h5py.File]:
         yield h5
     finally:
         h5.close()
+
+
+def _check_is_hdf5(path: Path) -> None:
+    """Tell a file that is no cache at all (a conf.toml passed by mistake)
+    from a damaged cache, which is the only one worth deleting.
+
+    Raises:
+        StageInputError: `path` is not an .h5 file and not HDF5.
+        CacheCorruptError: an .h5 file without the HDF5 signature.
+    """
+    if h5py.is_hdf5(path):
+        return
+    if path.suffix.lower() not in (".h5", ".hdf5"):
+        raise StageInputError(
+            f"{path} is not a code cache (not an HDF5 file); pass a cache file: "
+            "the .h5 files under <run.out>/cache (or extract.cache_dir)"
+        )
+    raise CacheCorruptError(
+        f"{path} is not an HDF5 file (no HDF5 signature): it is truncated or was "
+        "overwritten. Delete it and run `quadrant extract` again."
+    )
 
 
 def _check_header(path: Path, h5: h5py.File) -> None:
@@ -772,6 +796,8 @@ def verify(path: Path) -> list[str]:
                 problems += _verify_plain(h5)
     except (CacheCorruptError, CacheMismatchError) as err:
         problems.append(str(err))
+    except StageInputError:
+        raise  # no cache at all: nothing to verify, nothing to delete
     except (OSError, KeyError, ValueError) as err:
         problems.append(f"{path}: unreadable ({type(err).__name__}: {err})")
     return problems

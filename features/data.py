@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -98,6 +99,27 @@ class ImageSet:
         digest = _fingerprint(self.base, chosen, self.label_names, (), fingerprint)
         return ImageSet(self.root, chosen, self.label_names, (), digest)
 
+    def require_classes(self, what: str) -> None:
+        """Refuse data with fewer than two classes before `what` starts.
+
+        Extraction takes one class (codes of a single folder are useful);
+        training anything on it gives a model that answers that class always.
+
+        Raises:
+            DataError: naming the one class, where it was found and the fix.
+        """
+        if len(self.label_names) >= 2:
+            return
+        found = (
+            f"only one class ({self.label_names[0]!r})"
+            if self.label_names
+            else ("no classes")
+        )
+        raise DataError(
+            f"{found} under {self.root}; {what} needs at least two classes: add a "
+            "folder of images per class (or manifest rows with another label)"
+        )
+
     def counts(self) -> dict[str, Counter[str]]:
         """Images per class name, per split."""
         out: dict[str, Counter[str]] = {s: Counter() for s in SPLITS}
@@ -164,13 +186,14 @@ def discover(
     listed = _one_entry_per_file(base, listed, links=not root.is_file())
     listed, more = _probe_all(base, listed, max_pixels, workers)
     skipped += more
+    skipped.sort(key=lambda s: s.path)
+    warn_skipped(root, skipped)
+    if not listed:
+        raise _no_images_error(root, base, skipped)
     label_names = _label_names(listed, root)
     records = _split(listed, label_names, val_fraction, test_fraction, seed, root)
     records.sort(key=lambda r: r.path)
-    skipped.sort(key=lambda s: s.path)
     digest = _fingerprint(base, records, label_names, skipped, fingerprint)
-    for s in skipped:
-        log.warning("skipped %s: %s", s.path, s.reason)
     return ImageSet(root, tuple(records), label_names, tuple(skipped), digest)
 
 
@@ -269,14 +292,30 @@ def _scan_classes(
 
 
 def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
-    )
+    return sorted(p for p in _entries(folder) if p.is_dir())
 
 
 def _visible_files(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+    return sorted(p for p in _entries(folder) if p.is_file())
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return [p for p in folder.iterdir() if not p.name.startswith(".")]
+    except OSError as err:
+        _unreadable_folder(err)
+
+
+def _unreadable_folder(err: OSError) -> NoReturn:
+    """A folder the listing cannot open: never "no images", which it may hold.
+
+    Raises:
+        DataError: naming the folder, the reason and the fix.
+    """
+    raise DataError(
+        f"cannot list the folder {err.filename} ({err.strerror}); give the user "
+        f"running quadrant read access to it (chmod -R u+rX '{err.filename}') "
+        "or move it out of data.root"
     )
 
 
@@ -286,7 +325,8 @@ def _walk_files(folder: Path) -> Iterable[str]:
     # folders are followed (data sets are often assembled from links), but no
     # folder is visited twice, so a link to a parent cannot loop.
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    walk = os.walk(folder, onerror=_unreadable_folder, followlinks=True)
+    for dirpath, dirnames, filenames in walk:
         here = os.stat(dirpath)
         if (here.st_dev, here.st_ino) in seen:
             dirnames[:] = []
@@ -336,6 +376,12 @@ def _read_manifest(csv_path: Path) -> tuple[list[_Listed], list[Skipped]]:
         for line, row in enumerate(reader, start=2):
             if not row:
                 continue  # a blank line, as csv.DictReader skips them
+            if len(row) > len(header):
+                raise DataError(
+                    f"{csv_path} line {line} has {len(row)} cells, the header "
+                    f"{len(header)} ({','.join(header)}); quote a path or label "
+                    'that holds a comma ("a,b.jpg"), or remove the extra cells'
+                )
             if len(row) < width:
                 item = _manifest_row(csv_path, line, row, at)
             else:
@@ -522,11 +568,47 @@ def _probe_all(
     return good, bad
 
 
-def _label_names(listed: Sequence[_Listed], root: Path) -> tuple[str, ...]:
-    if not listed:
-        raise DataError(
-            f"no readable images under {root}; see the skipped files above for why"
+# How many skipped files an error about them lists.
+_SHOWN_SKIPS = 5
+
+# (root, path, reason) already warned about in this process: one command
+# lists the data once per stage, and each skipped file is said once.
+_WARNED: set[tuple[str, str, str]] = set()
+
+
+def warn_skipped(root: Path, skipped: Sequence[Skipped]) -> None:
+    """Log each skipped file and its reason once per process."""
+    for s in skipped:
+        key = (str(root), s.path, s.reason)
+        if key not in _WARNED:
+            _WARNED.add(key)
+            log.warning("skipped %s: %s", s.path, s.reason)
+
+
+def _no_images_error(root: Path, base: Path, skipped: Sequence[Skipped]) -> DataError:
+    """Why nothing under `root` is usable: the first skipped files and reasons."""
+    if not skipped:
+        return DataError(
+            f"no images under {root}; put images (.jpg, .png, ...) in one folder "
+            "per class, or list them in a CSV manifest"
         )
+    shown = "\n".join(f"  {s.path}: {s.reason}" for s in skipped[:_SHOWN_SKIPS])
+    more = len(skipped) - _SHOWN_SKIPS
+    if more > 0:
+        shown += f"\n  ... and {more} more (all are in the log)"
+    fix = "fix or remove these files"
+    if root.is_file() and all("not found" in s.reason for s in skipped):
+        fix = (
+            f"a manifest's paths are relative to the CSV's own folder, {base}: "
+            "rewrite them relative to it, or make them absolute"
+        )
+    return DataError(
+        f"no readable images under {root}: all {len(skipped)} listed files were "
+        f"skipped; {fix}:\n{shown}"
+    )
+
+
+def _label_names(listed: Sequence[_Listed], root: Path) -> tuple[str, ...]:
     names = sorted({item[1] for item in listed})
     if len(names) == 1:
         log.warning("only one class (%r) under %s", names[0], root)

@@ -441,6 +441,8 @@ def _class_ids(classes: Sequence[str | int] | None) -> list[int]:
 def _class_id(cls: str | int) -> int:
     """The label index of one class given by name or index."""
     valid = ", ".join(FASHION_MNIST_CLASSES)
+    if isinstance(cls, str) and cls.isdigit():  # an index typed on a command line
+        cls = int(cls)
     if isinstance(cls, str):
         if cls not in FASHION_MNIST_CLASSES:
             raise ConfigError(
@@ -517,7 +519,8 @@ def _check_target(out: Path, *, overwrite: bool) -> None:
     if not overwrite:
         raise DataError(
             f"{out} already exists and is not empty; choose another folder, or "
-            "pass overwrite=True to replace it."
+            "replace it: `quadrant demo-data ... --overwrite` (overwrite=True "
+            "from Python)."
         )
     # NOTE: overwrite deletes `out`; a mistyped path (the home folder, say) must
     # not cost the user their files, so only a tree of PNGs is ever replaced.
@@ -525,7 +528,7 @@ def _check_target(out: Path, *, overwrite: bool) -> None:
     if stray is not None:
         raise DataError(
             f"{out} holds {stray}, which is not a PNG image, so it is not replaced "
-            "even with overwrite=True; remove the folder yourself or choose "
+            "even with --overwrite; remove the folder yourself or choose "
             "another one."
         )
 

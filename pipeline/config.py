@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from features.atomic import require_file
 from features.errors import ConfigError
 from features.images import DEFAULT_MAX_PIXELS
 from features.limits import (
@@ -695,11 +696,13 @@ def load_config(
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(
-            f"config file {path} not found; pass -c PATH, or copy conf.toml from "
-            "the quadrant README into this folder"
-        )
+    require_file(
+        path,
+        what="config file",
+        fix="pass -c PATH of a conf.toml, or copy conf.toml from the quadrant "
+        "README into this folder",
+        error=ConfigError,
+    )
     try:
         with open(path, "rb") as handle:
             tables = tomllib.load(handle)

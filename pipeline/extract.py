@@ -13,7 +13,7 @@ from features.cache import (
     read_provenance,
     same_codes,
 )
-from features.data import ImageSet
+from features.data import ImageSet, Skipped, warn_skipped
 from features.distributed import World, join_world, leave_world, run_on_main
 from features.errors import CacheMismatchError
 from features.extractor import CodeModel, ExtractResult, image_identity
@@ -75,8 +75,8 @@ def _extract(
     result = extract_for(cfg, images, model, world=world)
     if images is not None:
         _write_summary(cfg, images, result)
-        for path, reason in result.skipped:
-            log.warning("skipped %s: %s", path, reason)
+        # Files the listing skipped were warned about then; these failed to decode.
+        warn_skipped(images.root, [Skipped(p, r) for p, r in result.skipped])
     return result
 
 

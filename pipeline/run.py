@@ -141,6 +141,8 @@ def _codes_path(
     The advised layer when there is advice; else top (case 1) or the sweep's
     best (case 2).
     """
+    if advice is None:  # the advisor has checked the classes before it extracted
+        load_images(cfg).require_classes(f"case {case}'s classifier")
     layers = advisor.codes_layers(cfg, load_backbone(cfg))
     train = replace(cfg.train, layer=TOP if case == 1 else "best")
     if advice is not None:

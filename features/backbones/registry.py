@@ -23,7 +23,7 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model, list_models
 
-from features.atomic import read_torch
+from features.atomic import read_torch, require_file
 from features.backbones import efficientnet_lite, timm_backbones, torchvision_weights
 from features.errors import BackboneError, WeightsNotFoundError
 from features.transforms import Preprocessing
@@ -269,10 +269,13 @@ def _architecture(name: str, input_size: int, num_classes: int | None) -> nn.Mod
 
 
 def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
-    if not file.is_file():
-        raise WeightsNotFoundError(
-            f"weights file {file} not found; check backbone.weights in conf.toml"
-        )
+    require_file(
+        file,
+        what="weights file",
+        fix="set backbone.weights in conf.toml to a state_dict or safetensors "
+        "file, 'default' or 'random'",
+        error=WeightsNotFoundError,
+    )
     if file.suffix == ".safetensors":
         return _read_safetensors(file)
     state = read_torch(

@@ -63,8 +63,9 @@ def run(cfg: Config) -> Advice:
         DataError, BackboneError: as the extraction stage; DataError also when
             the pilot needs validation images the data does not have.
     """
-    backbone = inputs.load_backbone(cfg)
     images = inputs.load_images(cfg)
+    images.require_classes("advice (it trains classifiers to measure)")
+    backbone = inputs.load_backbone(cfg)
     wanted = advice_stamp(cfg, backbone, images)
     if stamp_of(cfg.layout.advice) == wanted:
         advice = read_advice(cfg.layout.advice)

@@ -155,6 +155,7 @@ def prepare(cfg: Config, world: Dist, *, resume: bool, restart: bool) -> Prepare
     """
     device = _device(cfg.finetune, world)
     images = load_images(cfg)
+    images.require_classes("fine-tuning")
     settings = model_stamp(cfg, images)
     cfg = _fitting_batch(cfg, images, world)
     backbone, model, identity = _build(cfg, len(images.label_names), device)

@@ -163,12 +163,21 @@ def test_open_refuses_unfinished_and_foreign_files(
         h5["x"] = 1
     with pytest.raises(CacheCorruptError, match="not a quadrant code cache"):
         read_info(foreign)
-    with pytest.raises(StageInputError, match="not found; run `quadrant extract`"):
+    with pytest.raises(
+        StageInputError, match=r"not found; pass a cache file .* or run"
+    ):
         read_info(tmp_path / "missing.h5")
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"not hdf5 at all")
-    with pytest.raises(CacheCorruptError, match="cannot be opened as HDF5"):
+    with pytest.raises(
+        CacheCorruptError, match=r"garbage.h5 is not an HDF5 file .* Delete it"
+    ):
         read_info(garbage)
+    # Not a cache at all (a config passed by mistake): nothing to delete.
+    with pytest.raises(StageInputError, match=r"conf.toml is not a code cache"):
+        read_info(garbage.rename(tmp_path / "conf.toml"))
+    with pytest.raises(StageInputError, match=r"code cache .* is a folder, not a file"):
+        read_info(tmp_path)
 
 
 def test_open_refuses_other_format_versions(cache_file: Path) -> None:

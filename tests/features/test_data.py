@@ -3,7 +3,9 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,7 +103,24 @@ BAD_LAYOUTS = [
         DataError,
         r"class 'a' has 2 usable image\(s\).*needs >= 3.*val_fraction",
     ),
-    ("all-bad", DataError, r"no readable images under .*see the skipped files"),
+    (
+        "all-bad",
+        DataError,
+        r"no readable images under .*: all 1 listed files were skipped; fix or "
+        r"remove these files:\n  a/1.png: not an image",
+    ),
+    (
+        "many-bad",
+        DataError,
+        r"(?s)all 7 listed files were skipped.*\n  a/4\.png: [^\n]*\n  \.\.\. and 2 "
+        r"more \(all are in the log\)$",
+    ),
+    (
+        "unreadable-class",
+        DataError,
+        r"cannot list the folder .*/b \(Permission denied\); give the user "
+        r"running quadrant read access to it \(chmod -R u\+rX",
+    ),
     ("test-only", DataError, r"class 'z' has test images but no training images"),
     ("no-train", DataError, r"split folders \['test'\] but no train/"),
     ("mixed", DataError, r"mixes split folders with other folders \['extra'\]"),
@@ -122,6 +141,14 @@ def _layout(root: Path, kind: str) -> Path:
     if kind == "all-bad":
         (root / "a").mkdir()
         (root / "a" / "1.png").write_bytes(b"nope")
+    if kind == "many-bad":
+        (root / "a").mkdir()
+        for i in range(7):
+            (root / "a" / f"{i}.png").write_bytes(b"nope")
+    if kind == "unreadable-class":
+        write_png(root / "a" / "1.png", seed=0)
+        (root / "b").mkdir()
+        (root / "b" / "1.png").write_bytes(b"unreadable: see the test")
     if kind == "test-only":
         for i in range(3):
             write_png(root / "train" / "a" / f"{i}.png", seed=i)
@@ -136,8 +163,22 @@ def _layout(root: Path, kind: str) -> Path:
 
 @pytest.mark.parametrize("kind, error, pattern", BAD_LAYOUTS)
 def test_discover_rejects_bad_layouts(
-    tmp_path: Path, kind: str, error: type[Exception], pattern: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    error: type[Exception],
+    pattern: str,
 ) -> None:
+    # NOTE: chmod 000 stops no root user (CI and this sandbox run as root):
+    # the folder's listing fails as it would for anyone else.
+    walk = os.walk
+
+    def denied(top: str, **kwargs: Any) -> Iterator[Any]:
+        if Path(top).name == "b" and kind == "unreadable-class":
+            kwargs["onerror"](PermissionError(13, "Permission denied", str(top)))
+        return walk(top, **kwargs)
+
+    monkeypatch.setattr(os, "walk", denied)
     with pytest.raises(error, match=pattern):
         discover(_layout(tmp_path, kind), val_fraction=0.1, test_fraction=0.2)
 
@@ -147,6 +188,16 @@ BAD_MANIFESTS = [
     ("path,label\n", r"lists no images"),
     ("path,label,split\nx.png,a,holdout\n", r"line 2: split 'holdout' is not one of"),
     ("path,label\n,a\n", r"line 2: path and label must not be empty"),
+    (
+        "path,label\nx.png,a\ny,z.png,b\n",
+        r"m.csv line 3 has 3 cells, the header 2 \(path,label\); quote a path",
+    ),
+    (
+        "path,label\nimages/x.png,a\nimages/y.png,b\n",
+        r"all 2 listed files were skipped; a manifest's paths are relative to the "
+        r"CSV's own folder, .*: rewrite them relative to it, or make them absolute:"
+        r"\n  images/x.png: file not found",
+    ),
 ]
 
 

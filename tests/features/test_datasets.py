@@ -189,6 +189,16 @@ def test_write_fashion_mnist_from_source_writes_flat_split(
             assert np.array_equal(_read_png(out / name / png), images[index])
 
 
+def test_class_indices_typed_on_the_command_line_are_indices(
+    source: Path, tmp_path: Path
+) -> None:
+    # `quadrant demo-data fashion-mnist DIR --classes 1 8` passes strings.
+    out = write_fashion_mnist(
+        tmp_path / "fm", classes=["1", "8"], per_class=2, split="train", source=source
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["bag", "trouser"]
+
+
 def test_write_fashion_mnist_subset_is_seeded_per_class(
     source: Path, tmp_path: Path
 ) -> None:
@@ -326,7 +336,8 @@ def test_writers_refuse_a_non_empty_target(source: Path, tmp_path: Path) -> None
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     pattern = (
-        "already exists and is not empty; choose another folder, or pass overwrite"
+        r"already exists and is not empty; choose another folder, or replace it: "
+        r"`quadrant demo-data \.\.\. --overwrite`"
     )
     with pytest.raises(DataError, match=pattern):
         write_digits(out)
