@@ -22,7 +22,7 @@ from typing import Any
 
 from features.backbones import Backbone, fixed_input_size
 from features.data import ImageSet
-from features.errors import ImageDecodeError
+from features.errors import ImageDecodeError, TrainingError
 from features.images import probe_image
 from features.layers import TOP
 from pipeline.advisor.record import Candidate, Depth, Pilot, Similarity, Size
@@ -143,12 +143,20 @@ def unit_costs(
     extract_per_image: float,
     extracted: bool,
 ) -> Costs:
-    """Time a few training steps of each option; gather the unit costs."""
+    """Time a few training steps of each option; gather the unit costs.
+
+    An option whose training step would not fit in memory gets no rate: it
+    is left out of the advice, and the log says why.
+    """
     counts = {s: sum(c.values()) for s, c in images.counts().items()}
     rates = {}
     for settings in options:
         ocfg = replace(cfg, finetune=replace(cfg.finetune, **finetune_keys(settings)))
-        rates[option_key(settings)] = step_rate(ocfg, len(images.label_names))
+        try:
+            rates[option_key(settings)] = step_rate(ocfg, len(images.label_names))
+        except TrainingError as err:
+            log.warning("advise: %s left out: %s", option_name(settings), err)
+            continue
         log.info(
             "advise: %s: %.1f training images/s, %.1f inference images/s "
             "(compute only)",
@@ -184,6 +192,8 @@ def options_with_costs(
     made = []
     for settings in options:
         key = option_key(settings)
+        if key not in costs.rates:
+            continue  # left out: its step does not fit in memory
         full = finetune_seconds(cfg, costs, key)
         pilot = cfg.advise.pilot_share * (full - EXPORT_SECONDS)
         made.append(FinetuneOption(option_name(settings), key, settings, full, pilot))

@@ -270,9 +270,12 @@ def domain_of(cfg: Config, backbone: Any, sample: ImageSet) -> DomainStatistics:
 
 
 def _batches(
-    cfg: Config, backbone: Any, files: list[Any], bar: Any, size: int = 32
+    cfg: Config, backbone: Any, files: list[Any], bar: Any, size: int = 8
 ) -> Iterator[torch.Tensor]:
     """Normalised pixel batches of the readable files, advancing the bar.
+
+    Small batches: the statistics are sums, so the size changes nothing but
+    the memory (a batch of 32 at 224 px peaked at 1.1 GB over the rest).
 
     Raises:
         DataError: not one of the files is readable.

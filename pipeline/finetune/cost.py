@@ -19,6 +19,7 @@ from torch import nn
 
 from features.devices import resolve_device
 from pipeline.config import Config
+from pipeline.finetune import memory
 from pipeline.finetune.loop import training_mode
 from pipeline.finetune.optim import Optimization
 from pipeline.finetune.stage import build_model
@@ -27,6 +28,11 @@ from pipeline.finetune.stage import build_model
 # one step of 16 images takes seconds.
 STEPS = 3
 BATCH = 16
+# At most this much of activations in a timed step on a CPU: a step's time
+# per image hardly changes there past a few images, while its memory grows
+# with each (16 images at 224 px would hold 1.3 GB, the advice's peak). A
+# GPU needs its batch to be fast, so it times the whole BATCH.
+TIMING_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -42,12 +48,22 @@ def step_rate(cfg: Config, num_classes: int) -> StepRate:
 
     The configuration says the input size, the frozen prefix and the
     BatchNorm mode; the head is random (the speed does not depend on it).
+
+    Raises:
+        TrainingError: a step of `finetune.batch_size` images would not fit
+            in memory (nothing is timed).
     """
     ft = replace(cfg.finetune, head_init="random")
     cfg = replace(cfg, finetune=ft)
     device = resolve_device(ft.device)
     model, prep, _ = build_model(cfg, num_classes, device)
+    need = memory.step_memory(model, prep.input_size, ft, device)
+    memory.require_fits(
+        need, ft, prep.input_size, device, memory.available_bytes(device)
+    )
     batch = min(BATCH, ft.batch_size)
+    if device.type == "cpu":
+        batch = min(batch, max(2, TIMING_BYTES // max(1, need.per_image)))
     size = (batch, 3, prep.input_size, prep.input_size)
     pixels = torch.randint(0, 256, size, dtype=torch.uint8, device=device)
     labels = torch.arange(batch, device=device) % num_classes

@@ -36,7 +36,7 @@ from features.devices import PRECISION_DTYPES, resolve_device, resolve_precision
 from features.errors import DataError, TrainingError
 from features.transforms import Preprocessing
 from pipeline.config import Config, FinetuneConfig
-from pipeline.finetune import data
+from pipeline.finetune import data, memory
 from pipeline.finetune.checkpoints import (
     BestModel,
     CheckpointSaver,
@@ -109,7 +109,8 @@ def run(
             without validation images.
         CheckpointError: a checkpoint exists and neither resume nor restart
             was asked for, or the checkpoint belongs to another setup.
-        TrainingError: out of GPU memory (the last checkpoint is kept).
+        TrainingError: a training step would not fit in memory (said before
+            the first epoch), or out of GPU memory (the last checkpoint is kept).
     """
     start = time.perf_counter()
     world = _init_distributed()
@@ -151,7 +152,8 @@ def prepare(cfg: Config, world: Dist, *, resume: bool, restart: bool) -> Prepare
     can be matched to its settings on --resume.
 
     Raises:
-        DataError: as `run`; CheckpointError: as `run`.
+        DataError, CheckpointError: as `run`; TrainingError: a training step
+            would not fit in memory.
     """
     device = _device(cfg.finetune, world)
     images = load_images(cfg)
@@ -159,6 +161,7 @@ def prepare(cfg: Config, world: Dist, *, resume: bool, restart: bool) -> Prepare
     settings = model_stamp(cfg, images)
     cfg = _fitting_batch(cfg, images, world)
     backbone, model, identity = _build(cfg, len(images.label_names), device)
+    _require_memory(cfg.finetune, model, backbone.preprocessing, device)
     CheckpointSaver(cfg.layout.checkpoint, identity, images.label_names).check_unasked(
         resume=resume, restart=restart
     )
@@ -173,6 +176,22 @@ def prepare(cfg: Config, world: Dist, *, resume: bool, restart: bool) -> Prepare
     if world.main:
         write_json(cfg.layout.finetune_stamp, {"stamp": settings})
     return Prepared(cfg, images, settings, identity, trainer, head)
+
+
+def _require_memory(
+    ft: FinetuneConfig, model: nn.Module, prep: Preprocessing, device: torch.device
+) -> None:
+    """Refuse, before the first epoch, a batch whose step would not fit."""
+    need = memory.step_memory(model, prep.input_size, ft, device)
+    log.info(
+        "a training step of %d images at %d px holds about %.2f GiB",
+        ft.batch_size,
+        prep.input_size,
+        need.bytes_for(ft.batch_size) / memory.GIB,
+    )
+    memory.require_fits(
+        need, ft, prep.input_size, device, memory.available_bytes(device)
+    )
 
 
 def model_stamp(cfg: Config, images: ImageSet) -> str:

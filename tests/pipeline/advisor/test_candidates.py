@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import torch
 
 from features.probes import Interval
 from pipeline.advisor import decide, summary_lines
@@ -14,11 +16,14 @@ from pipeline.advisor.candidates import (
     choose,
     input_sizes,
     options_with_costs,
+    unit_costs,
     weigh,
 )
 from pipeline.advisor.record import CurvePoint, Reference
 from pipeline.config import load_config
-from pipeline.finetune import StepRate
+from pipeline.finetune import StepRate, memory
+from pipeline.finetune.stage import build_model
+from pipeline.inputs import load_images
 from tests.pipeline.advisor.test_record import (
     DEPTHS,
     DOMAIN,
@@ -27,6 +32,7 @@ from tests.pipeline.advisor.test_record import (
     similarity,
     size,
 )
+from tests.pipeline.finetune.conftest import write_classes
 
 CFG = load_config(None, ["finetune.epochs=10", "advise.pilot_share=0.25"])
 SETTINGS = [
@@ -125,3 +131,34 @@ def test_the_forecast_interval_is_the_candidates_interval() -> None:
         (0.945, 0.95, 0.955)
     )
     assert isinstance(first.low, float) and Interval
+
+
+def test_an_option_whose_step_cannot_fit_in_memory_is_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = load_config(
+        None,
+        [
+            f"data.root='{write_classes(tmp_path / 'data')}'",
+            "backbone.name=resnet18",
+            "finetune.init=scratch",
+            "finetune.head_init=random",
+            "finetune.batch_size=16",
+        ],
+    )
+    images = load_images(cfg)
+    needs = {}
+    for px in (32, 224):
+        ft = replace(cfg.finetune, input_size=px)
+        model, _, _ = build_model(replace(cfg, finetune=ft), 2, torch.device("cpu"))
+        needs[px] = memory.step_memory(model, px, ft, torch.device("cpu"))
+    # Room for the 32 px step, not for the 224 px one.
+    room = (needs[32].bytes_for(16) + needs[224].bytes_for(16)) / 2
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(room))
+    settings = [dict(s, **{"finetune.init": "scratch"}) for s in SETTINGS]
+    costs = unit_costs(cfg, images, settings, extract_per_image=0.0, extracted=True)
+    assert list(costs.rates) == ["scratch-32"]
+    assert [o.name for o in options_with_costs(cfg, settings, costs)] == [
+        "train from scratch 32 px"
+    ]
+    assert "train from scratch 224 px left out: a training step of 16" in caplog.text
