@@ -59,7 +59,7 @@ def _leftover_name(path: Path, kind: str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, *, setting: str | None = None) -> Iterator[Path]:
     """Yield a temporary path to write `path` through; publish it on success.
 
     For libraries that write to a file name themselves (onnx.save, h5py,
@@ -71,7 +71,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
             where a folder should be); the temporary is removed.
     """
     path = Path(path)
-    make_folder(path.parent)
+    make_folder(path.parent, setting=setting)
     tmp = _leftover_name(path, "tmp")
     try:
         yield tmp
@@ -81,16 +81,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException as err:
         _remove(tmp)
         if isinstance(err, OSError | RuntimeError) and writing_error(err):
-            raise output_error(path, err) from err
+            raise output_error(path, err, setting=setting) from err
         raise
 
 
 @contextlib.contextmanager
-def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
-    """`open(path, mode)` whose result appears at `path` only once complete."""
+def atomic_open(
+    path: Path, mode: str = "w", *, setting: str | None = None, **kwargs: Any
+) -> Iterator[IO[Any]]:
+    """`open(path, mode)` whose result appears at `path` only once complete.
+
+    `setting`: the option that chose `path`, named in a write error's fix.
+    """
     if "b" not in mode:
         kwargs.setdefault("encoding", "utf-8")
-    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as handle:
+    with atomic_path(path, setting=setting) as tmp, open(tmp, mode, **kwargs) as handle:
         yield handle
         handle.flush()
 

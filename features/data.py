@@ -319,6 +319,18 @@ def _unreadable_folder(err: OSError) -> NoReturn:
     )
 
 
+def list_files(folder: Path) -> list[str]:
+    """Every visible file under `folder`, sorted, as extraction lists them:
+    links followed (no folder twice), dot files and folders left out;
+    entries that are not regular files (FIFOs, dangling links) included, for
+    the caller to report.
+
+    Raises:
+        DataError: a folder cannot be listed.
+    """
+    return sorted(_walk_files(folder))
+
+
 def _walk_files(folder: Path) -> Iterable[str]:
     # NOTE: dot files (.DS_Store, editor swap files) are never images; nested
     # folders inside a class folder belong to the class. Symbolic links to

@@ -110,19 +110,48 @@ def _add_predict(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "predict",
         parents=[common],
-        help="predict images (files, folders, CSV) with an ONNX model",
+        help="predict images (files, folders, CSV, - for stdin) with an ONNX model",
+        description="Exit codes: 0 every image predicted; 1 an error (nothing "
+        "written); 3 the output was written but some images failed (their "
+        "rows hold the error); 130 interrupted (run the same command again to "
+        "resume).",
     )
     p.add_argument("model", type=Path, help="a model.onnx written by quadrant export")
-    p.add_argument("paths", nargs="+", type=Path, help="image files, folders or a CSV")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        help="image files, folders, CSV files with a 'path' column, or - to read "
+        "one path per line from stdin",
+    )
     p.add_argument(
         "--out",
         type=Path,
         default=Path("predictions.csv"),
-        help="CSV to write (default: predictions.csv)",
+        help="predictions.csv, a .parquet file, or a folder (a Parquet dataset); "
+        "default: predictions.csv",
     )
-    p.add_argument("--top-k", type=int, default=3, help="best classes listed per image")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        help="best classes listed per image (default: 3, or every class if fewer)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--all-scores",
+        action="store_true",
+        help="also write every class's score (score_<class> columns)",
+    )
+    p.add_argument(
+        "--max-failures",
+        help="stop when more images than this fail: a count (10) or a share (5%%)",
+    )
+    p.add_argument(
+        "--part-rows",
+        type=int,
+        default=1024,
+        help="images per committed part: a killed run redoes at most one part",
+    )
     p.set_defaults(handler=_predict)
 
 
@@ -267,15 +296,18 @@ def _run(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from pipeline import commands
+    from pipeline.predict import PredictOptions
 
-    return commands.predict(
-        args.model,
-        args.paths,
-        out=args.out,
+    options = PredictOptions(
         top_k=args.top_k,
         batch_size=args.batch_size,
         device=args.device,
+        all_scores=args.all_scores,
+        max_failures=args.max_failures,
+        progress=not args.quiet,
+        part_rows=args.part_rows,
     )
+    return commands.predict(args.model, args.paths, out=args.out, options=options)
 
 
 def _stage(name: str) -> Callable[[argparse.Namespace], int]:

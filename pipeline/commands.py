@@ -11,10 +11,10 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from features import datasets
-from features.atomic import write_text
+from features.atomic import check_writable, write_text
 from features.backbones import (
     TIMM_INSTALL,
     available_backbones,
@@ -34,7 +34,10 @@ from pipeline import finetune as finetune_stage
 from pipeline import sweep as sweep_stage
 from pipeline import train as train_stage
 from pipeline.config import Config
-from pipeline.logs import run_log
+from pipeline.logs import command_log, run_log
+
+if TYPE_CHECKING:
+    from pipeline.predict import PredictOptions
 
 log = logging.getLogger(__name__)
 
@@ -143,24 +146,28 @@ def export(cfg: Config) -> int:
 
 def predict(
     model: Path,
-    paths: Sequence[Path],
+    paths: Sequence[str],
     *,
     out: Path,
-    top_k: int,
-    batch_size: int,
-    device: str,
+    options: PredictOptions,
 ) -> int:
-    """`quadrant predict MODEL.onnx PATH...`."""
+    """`quadrant predict MODEL.onnx PATH...`: 0, or 3 when some images failed.
+
+    The run is logged to quadrant.log beside the output.
+    """
     from pipeline import predict as predict_stage
 
-    result = predict_stage.run(
-        model, paths, out=out, top_k=top_k, batch_size=batch_size, device=device
-    )
+    check_writable(out.parent, setting="--out")
+    started = f"quadrant predict {model} {' '.join(map(str, paths))} --out {out}"
+    with command_log(out.parent / "quadrant.log", "predict", started):
+        result = predict_stage.run(model, paths, out=out, options=options)
+    resumed = f", {result.resumed_parts} parts resumed" if result.resumed_parts else ""
     print(
         f"predicted {result.predicted} images ({result.failed} unreadable, listed "
-        f"with their error) -> {result.out} [{result.provider}]"
+        f"with their error{resumed}) -> {result.out} [{result.provider}]; "
+        f"summary: {result.summary}"
     )
-    return 0
+    return predict_stage.EXIT_SOME_FAILED if result.failed else 0
 
 
 def advise(cfg: Config) -> int:

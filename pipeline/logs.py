@@ -87,16 +87,26 @@ def run_log(cfg: Config, command: str) -> Iterator[Path]:
     remove_stale(layout.root)
     if not layout.cache_dir.is_relative_to(layout.root):
         remove_stale(layout.cache_dir)
-    handler = logging.FileHandler(layout.log, encoding="utf-8")
-    handler.setLevel(logging.DEBUG)
-    handler.setFormatter(logging.Formatter(_FORMAT))
-    handler.addFilter(_OwnOrWarnings(cfg.run.log_level == "debug"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    _file_only(handler, logging.INFO, f"quadrant {command} (config: {cfg.source})")
-    try:
+    started = f"quadrant {command} (config: {cfg.source})"
+    with command_log(layout.log, command, started, cfg.run.log_level == "debug"):
         yield layout.root
         write_text(layout.config, dump_toml(config_to_dict(cfg)))
+
+
+@contextlib.contextmanager
+def command_log(
+    path: Path, command: str, started: str, debug: bool = False
+) -> Iterator[None]:
+    """Append what `command` logs to the file `path`, and how it ended."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    handler.addFilter(_OwnOrWarnings(debug))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    _file_only(handler, logging.INFO, started)
+    try:
+        yield
     except BaseException as err:
         # The console shows the error once, from the CLI; the log keeps it too.
         _file_only(handler, logging.ERROR, f"{command} failed: {err!r}")

@@ -91,7 +91,12 @@ def run(cfg: Config, *, predict_paths: Sequence[Path] = ()) -> RunResult:
         _timed(
             timings,
             "predict",
-            lambda: predict.run(exported.path, predict_paths, out=out),
+            lambda: predict.run(
+                exported.path,
+                predict_paths,
+                out=out,
+                options=predict.PredictOptions(progress=cfg.run.progress),
+            ),
         )
         predictions = out
     summary = {

@@ -344,7 +344,9 @@ def test_predict_writes_a_row_per_image_and_reports_unreadable_ones(
         )
     (folder / "broken.png").write_bytes(b"not really a picture")
     out = tmp_path / "preds.csv"
-    result = predict.run(model, [folder], out=out, top_k=2)
+    result = predict.run(
+        model, [folder], out=out, options=predict.PredictOptions(top_k=2)
+    )
     assert (result.predicted, result.failed) == (2, 1)
     with open(out) as handle:
         rows = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
@@ -431,7 +433,8 @@ def test_predict_decodes_as_the_model_was_trained(
 ) -> None:
     # A model exported before fast decoding existed says nothing: full decoding.
     path = _metadata_only_model(tmp_path / "m.onnx", {"input_size": 32, **recorded})
-    assert predict._load(path, "cpu").prep.decode == decode
+    props = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert predict.model_metadata(path, props)[1].decode == decode
 
 
 def test_predict_refuses_an_unknown_decoding(tmp_path: Path) -> None:

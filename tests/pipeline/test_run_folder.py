@@ -206,15 +206,17 @@ def test_run_out_that_is_a_file(
     assert "Traceback" not in err
 
 
-def test_predict_out_that_is_a_folder(
+def test_predict_out_that_is_a_folder_of_other_files(
     image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # A folder is a Parquet dataset's place, replaced whole: never a user's.
     model = tmp_path / "model.onnx"
     model.write_bytes(b"")
     argv = ["predict", str(model), str(image_folder), "--out", str(tmp_path)]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert f"cannot write {tmp_path}: it is a folder" in err and "Traceback" not in err
+    assert f"--out {tmp_path} is a folder holding other files" in err
+    assert "Traceback" not in err and model.exists()
 
 
 def _can_mount() -> bool:
