@@ -358,6 +358,23 @@ def _posix(relative: str) -> str:
     return relative if os.sep == "/" else relative.replace(os.sep, "/")
 
 
+def _manifest_columns(csv_path: Path, header: list[str]) -> dict[str, int]:
+    """Where path, label and split are (the last column of a name wins, as
+    with csv.DictReader).
+
+    Raises:
+        DataError: no path or label column.
+    """
+    columns = [c.strip().lower() for c in header]
+    if "path" not in columns or "label" not in columns:
+        raise DataError(
+            f"{csv_path} needs a header row with columns path,label[,split]; "
+            f"found {header or None}"
+        )
+    wanted = ("path", "label", "split")
+    return {c: i for i, c in enumerate(columns) if c in wanted}
+
+
 def _read_manifest(csv_path: Path) -> tuple[list[_Listed], list[Skipped]]:
     if csv_path.suffix.lower() != ".csv":
         raise DataError(
@@ -367,18 +384,10 @@ def _read_manifest(csv_path: Path) -> tuple[list[_Listed], list[Skipped]]:
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         header = next(reader, [])
-        columns = [c.strip().lower() for c in header]
-        if "path" not in columns or "label" not in columns:
-            raise DataError(
-                f"{csv_path} needs a header row with columns path,label[,split]; "
-                f"found {header or None}"
-            )
+        at = _manifest_columns(csv_path, header)
         # NOTE: one pass over plain rows (no dict per row, no list of all
         # rows, the common cells checked inline): a million-row manifest
         # loads in about a second.
-        wanted = ("path", "label", "split")
-        # The last column of a name wins, as with csv.DictReader.
-        at = {c: i for i, c in enumerate(columns) if c in wanted}
         at_path, at_label, at_split = at["path"], at["label"], at.get("split")
         width = max(at.values()) + 1
         splits: dict[str, str | None] = {"": None}

@@ -143,43 +143,18 @@ def run(
     else:
         check_output_file(out, setting="--out")
     loaded = _load(model, options.device)
-    classes = len(loaded.label_names)
-    if options.top_k is None:
-        options = replace(options, top_k=min(DEFAULT_TOP_K, classes))
-    elif options.top_k > classes:
-        raise ConfigError(
-            f"--top-k {options.top_k}: the model has {classes} classes; give at "
-            f"most {classes}"
-        )
-    assert options.top_k is not None
+    options = _with_top_k(options, len(loaded.label_names))
     entries = list(gather(paths))
-    job = Job(
-        sha256_of(model),
-        predictions.inputs_digest(entries),
-        len(entries),
-        options.top_k,
-        options.all_scores,
-        loaded.label_names,
-        options.part_rows,
-        predictions.passed_through(entries),
-    )
-    store = PartStore(out, job)
+    store = PartStore(out, _job(model, loaded, entries, options))
     resumed = store.open()
     if resumed:
         log.info(
             "resuming: %d of %d parts were committed by an earlier run",
             resumed,
-            job.parts(),
+            store.job.parts(),
         )
     _predict_parts(store, loaded, entries, options)
-    rows, failed = store.totals()
-    if failed == rows:
-        examples = _examples(store)
-        store.remove()
-        raise DataError(
-            f"none of the {rows} images could be read, e.g. {examples}; check "
-            "that the paths point at image files"
-        )
+    rows, failed = _require_some_predicted(store)
     predictions.publish(store, out, fmt)
     provider = loaded.session.get_providers()[0]
     summary = predictions.write_summary(
@@ -190,7 +165,7 @@ def run(
             "predicted": rows - failed,
             "failed": failed,
             "model": str(model),
-            "model_sha256": job.model_sha256,
+            "model_sha256": store.job.model_sha256,
             "provider": provider,
             "top_k": options.top_k,
             "all_scores": options.all_scores,
@@ -200,6 +175,56 @@ def run(
     store.remove()
     log.info("predict: %d rows written, %d failed -> %s", rows, failed, out)
     return PredictResult(out, summary, rows - failed, failed, provider, resumed)
+
+
+def _require_some_predicted(store: PartStore) -> tuple[int, int]:
+    """(rows, failed) of the committed parts.
+
+    Raises:
+        DataError: not one image could be read (the parts are removed: a
+            rerun would read the same files).
+    """
+    rows, failed = store.totals()
+    if failed == rows:
+        examples = _examples(store)
+        store.remove()
+        raise DataError(
+            f"none of the {rows} images could be read, e.g. {examples}; check "
+            "that the paths point at image files"
+        )
+    return rows, failed
+
+
+def _with_top_k(options: PredictOptions, classes: int) -> PredictOptions:
+    """The options with --top-k set (3, or every class if fewer) and checked.
+
+    Raises:
+        ConfigError: --top-k asks for more classes than the model has.
+    """
+    if options.top_k is None:
+        return replace(options, top_k=min(DEFAULT_TOP_K, classes))
+    if options.top_k > classes:
+        raise ConfigError(
+            f"--top-k {options.top_k}: the model has {classes} classes; give at "
+            f"most {classes}"
+        )
+    return options
+
+
+def _job(
+    model: Path, loaded: _Model, entries: list[Entry], options: PredictOptions
+) -> Job:
+    assert options.top_k is not None  # set by _with_top_k
+    return Job(
+        sha256_of(model),
+        predictions.inputs_digest(entries),
+        len(entries),
+        options.top_k,
+        options.all_scores,
+        loaded.label_names,
+        options.part_rows,
+        predictions.passed_through(entries),
+    )
 
 
 def _predict_parts(

@@ -121,7 +121,7 @@ class Trainer:
         while self.epoch < self.ft.epochs:
             if budget is not None and not budget.fits(self.ft.batch_size):
                 return False
-            if self._no_time_for(last):
+            if _no_time_for(self, last):
                 return False
             start = time.monotonic()
             train = self.train_one_epoch(budget=budget)
@@ -129,36 +129,10 @@ class Trainer:
                 return False
             val = self.validate() if self.world.main else {}
             self.epoch += 1
-            if self._end_epoch(train, val):
+            if _end_epoch(self, train, val):
                 return True
             last = time.monotonic() - start
         return False
-
-    def _no_time_for(self, epoch_seconds: float) -> bool:
-        """Whether another epoch like the last would end after the deadline
-        (the first epoch always runs); says so when it stops the run."""
-        if self.deadline is None or not epoch_seconds:
-            return False
-        if time.monotonic() + epoch_seconds <= self.deadline:
-            return False
-        self.out_of_time = True
-        log.warning(
-            "run.budget: stopped after epoch %d of %d, since the next (about %.0f "
-            "s) would end after the budget; the model is the best epoch so far",
-            self.epoch,
-            self.ft.epochs,
-            epoch_seconds,
-        )
-        return True
-
-    def _end_epoch(self, train: dict[str, float], val: dict[str, float]) -> bool:
-        stop = False
-        if self.world.main:
-            improved, stop = self.keepers.end_epoch(self, train, val)
-            _log_epoch(self.epoch, self.ft.epochs, train, val, improved)
-        if self.world.world > 1:
-            dist.barrier()
-        return _agreed_stop(stop, self.world, self.ft)
 
     def train_one_epoch(self, budget: Any = None) -> dict[str, float]:
         """One pass over the training split; returns mean loss and accuracy.
@@ -232,6 +206,37 @@ class Trainer:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+
+
+def _no_time_for(trainer: Trainer, epoch_seconds: float) -> bool:
+    """Whether another epoch like the last would end after the deadline
+    (the first epoch always runs); says so when it stops the run."""
+    if trainer.deadline is None or not epoch_seconds:
+        return False
+    if time.monotonic() + epoch_seconds <= trainer.deadline:
+        return False
+    trainer.out_of_time = True
+    log.warning(
+        "run.budget: stopped after epoch %d of %d, since the next (about %.0f "
+        "s) would end after the budget; the model is the best epoch so far",
+        trainer.epoch,
+        trainer.ft.epochs,
+        epoch_seconds,
+    )
+    return True
+
+
+def _end_epoch(
+    trainer: Trainer, train: dict[str, float], val: dict[str, float]
+) -> bool:
+    """Record the epoch (main process), then whether every process stops."""
+    stop = False
+    if trainer.world.main:
+        improved, stop = trainer.keepers.end_epoch(trainer, train, val)
+        _log_epoch(trainer.epoch, trainer.ft.epochs, train, val, improved)
+    if trainer.world.world > 1:
+        dist.barrier()
+    return _agreed_stop(stop, trainer.world, trainer.ft)
 
 
 def _synced(wrapped: nn.Module, sync: bool) -> contextlib.AbstractContextManager[Any]:
