@@ -256,9 +256,10 @@ class ShardStore:
     def committed(self, shards: Iterable[int] | None = None) -> dict[int, Failures]:
         """Committed shards among `shards` (all by default) and their failures.
 
-        A shard is checked by its header (key, index, array shapes), not by
-        re-reading its codes (`verify` does that); a shard that fails the
-        check is removed, to be computed again.
+        A shard is checked by its header (key, index, array shapes) and the
+        sha256 of each code array (what a resume costs: reading the codes
+        once, far less than computing them); a shard that fails is removed,
+        to be computed again.
         """
         done: dict[int, Failures] = {}
         for shard in range(self.n_shards) if shards is None else shards:
@@ -268,15 +269,17 @@ class ShardStore:
             try:
                 done[shard] = self._failures(shard)
             except Exception as err:  # noqa: BLE001 - any failure: compute it again
-                log.warning(
-                    "shard %s is unreadable (%s); computing it again", path, err
-                )
+                log.warning("shard %s is damaged (%s); computing it again", path, err)
                 path.unlink(missing_ok=True)
         return done
 
     def _failures(self, shard: int) -> Failures:
         with h5py.File(self.shard_path(shard), "r") as h5:
             self._check_shard(h5, shard)
+            for spec in self.specs:
+                dataset = h5[f"codes/{spec.name}"]
+                if _digest_dataset(dataset) != dataset.attrs.get("sha256"):
+                    raise CacheCorruptError(f"{spec.name}: checksum mismatch")
             ok = h5["ok"][:]
             failed = np.flatnonzero(~ok)
             reasons = h5["reasons"].asstr()[:] if len(failed) else []
@@ -472,6 +475,9 @@ def finish(
                     "shards": store.parts.name,
                     "n_shards": store.n_shards,
                     "shard_rows": store.shard_rows,
+                    "shard_stats": json.dumps(
+                        _shard_stats(store.parts, store.n_shards)
+                    ),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 }
             )
@@ -625,13 +631,17 @@ def _write_strings(h5: h5py.File, name: str, values: Sequence[str]) -> None:
 
 
 @contextlib.contextmanager
-def open_cache(path: Path) -> Iterator[h5py.File]:
+def open_cache(path: Path, *, check_shards: bool = True) -> Iterator[h5py.File]:
     """Open a finished cache file for reading.
+
+    With `check_shards`, a shard whose size or modification time differs
+    from when the cache was written has its checksums checked before any
+    code is read (`verify` checks every shard; `cache info` none).
 
     Raises:
         StageInputError: the file does not exist.
-        CacheCorruptError: the file is not a complete quadrant cache, or shard
-            files it links are missing.
+        CacheCorruptError: the file is not a complete quadrant cache, shard
+            files it links are missing, or a changed shard is damaged.
         CacheMismatchError: the file has another format version.
     """
     path = require_file(
@@ -651,6 +661,8 @@ def open_cache(path: Path) -> Iterator[h5py.File]:
     try:
         _check_header(path, h5)
         _check_shards_present(path, h5)
+        if check_shards:
+            _check_changed_shards(path, h5)
         yield h5
     finally:
         h5.close()
@@ -726,6 +738,46 @@ def _check_shards_present(path: Path, h5: h5py.File) -> None:
         )
 
 
+def _shard_stats(folder: Path, n_shards: int) -> list[list[int]]:
+    """(size, mtime_ns) of every shard file: what the cheap check compares."""
+    stats = [os.stat(folder / f"shard-{i:06d}.h5") for i in range(n_shards)]
+    return [[st.st_size, st.st_mtime_ns] for st in stats]
+
+
+# Said wherever a damaged shard is found: extract repairs it.
+REPAIR = (
+    "Fix: run `quadrant extract` again with the same settings: it checks every "
+    "shard's checksum and computes the damaged ones again (the others are kept)"
+)
+
+
+def _check_changed_shards(path: Path, h5: h5py.File) -> None:
+    """Checksum the shards changed since the cache was written (none, usually).
+
+    NOTE: a copy without its times (cp without -p) changes every shard's
+    time: each is checked then, at the cost of reading it.
+
+    Raises:
+        CacheCorruptError: naming the damaged shard and the fix.
+    """
+    if not _virtual_codes(h5) or "shard_stats" not in h5.attrs:
+        return
+    recorded = json.loads(h5.attrs["shard_stats"])
+    now = _shard_stats(path.parent / str(h5.attrs["shards"]), len(recorded))
+    changed = [i for i, (a, b) in enumerate(zip(recorded, now, strict=True)) if a != b]
+    if not changed:
+        return
+    log.info("%d shard file(s) changed since written: checking them", len(changed))
+    store, order = _shard_store_of(path, h5)
+    for shard in changed:
+        problem = _verify_shard(store, shard, order)
+        if problem:
+            raise CacheCorruptError(
+                f"{path}: {store.parts.name}/{store.shard_name(shard)}: {problem}. "
+                + REPAIR
+            )
+
+
 @dataclass(frozen=True)
 class CacheInfo:
     """What a cache file holds, without its codes."""
@@ -747,8 +799,8 @@ class CacheInfo:
 
 
 def read_info(path: Path) -> CacheInfo:
-    """Summarise a cache file (header, datasets, counts)."""
-    with open_cache(path) as h5:
+    """Summarise a cache file (header, datasets, counts); no code is read."""
+    with open_cache(path, check_shards=False) as h5:
         order = json.loads(h5.attrs["code_order"])
         datasets = {name: tuple(h5[f"codes/{name}"].shape) for name in order}
         splits = h5["images/split"].asstr()[:]
@@ -788,7 +840,7 @@ def verify(path: Path) -> list[str]:
     """
     problems: list[str] = []
     try:
-        with open_cache(path) as h5:
+        with open_cache(path, check_shards=False) as h5:
             problems += _verify_tables(h5)
             if _virtual_codes(h5):
                 problems += _verify_shards(Path(path), h5)
@@ -823,6 +875,17 @@ def _verify_tables(h5: h5py.File) -> list[str]:
 
 def _verify_shards(path: Path, h5: h5py.File) -> list[str]:
     """Every shard's header and checksums; one line per bad shard."""
+    store, order = _shard_store_of(path, h5)
+    problems = []
+    for shard in range(store.n_shards):
+        problem = _verify_shard(store, shard, order)
+        if problem:
+            problems.append(f"{store.parts.name}/{store.shard_name(shard)}: {problem}")
+    return problems
+
+
+def _shard_store_of(path: Path, h5: h5py.File) -> tuple[ShardStore, list[str]]:
+    """The shards of a finished cache, to read, and its code arrays' names."""
     order = json.loads(h5.attrs["code_order"])
     store = ShardStore(
         path.parent / str(h5.attrs["shards"]),
@@ -835,12 +898,7 @@ def _verify_shards(path: Path, h5: h5py.File) -> list[str]:
         ],
         dtype=str(h5[f"codes/{order[0]}"].dtype),
     )
-    problems = []
-    for shard in range(store.n_shards):
-        problem = _verify_shard(store, shard, order)
-        if problem:
-            problems.append(f"{store.parts.name}/{store.shard_name(shard)}: {problem}")
-    return problems
+    return store, order
 
 
 def _verify_shard(store: ShardStore, shard: int, order: Sequence[str]) -> str:

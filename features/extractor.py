@@ -77,6 +77,7 @@ from features.distributed import (
 )
 from features.errors import (
     BackboneError,
+    CacheCorruptError,
     CacheMismatchError,
     DistributedError,
     ImageDecodeError,
@@ -419,7 +420,7 @@ def _open_job(
         if images is None:
             raise AssertionError("rank 0 of a job needs the listed images")
         plan = _plan_for(images, model, settings, cache_dir)
-        if plan.path.exists():
+        if plan.path.exists() and _sound(plan.path):
             return plan
         table = image_table(images, settings.options.views)
         store = stack.enter_context(_store(plan, model, settings.options, table, world))
@@ -450,6 +451,22 @@ def _open_job(
     if isinstance(led, _Job):
         return led
     return _join_job(final, message["key"], model, settings, world, stack)
+
+
+def _sound(final: Path) -> bool:
+    """Whether a finished cache may be reused; a damaged one is unpublished.
+
+    The cache file only links the shards: removing it leaves the sound
+    shards to be reused and the damaged ones (found by their checksums when
+    the store is opened) to be computed again.
+    """
+    try:
+        with open_cache(final):
+            return True
+    except CacheCorruptError as err:
+        log.warning("%s: repairing it", str(err).split(". Fix:")[0])
+        final.unlink()
+        return False
 
 
 def _join_job(

@@ -343,7 +343,9 @@ def cache_verify(path: Path) -> int:
         raise CacheCorruptError(
             f"{path} failed verification:\n  "
             + "\n  ".join(problems)
-            + "\nDelete the file and run `quadrant extract` again to rebuild it."
+            + "\nFix: run `quadrant extract` again with the same settings (the "
+            "conf.toml that made it): it checks every shard's checksum and "
+            "computes only the damaged ones again."
         )
     print(f"{path}: OK (structure and checksums verified)")
     return 0

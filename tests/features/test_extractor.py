@@ -15,7 +15,7 @@ import pytest
 
 from features import load_codes
 from features.cache import ShardStore, verify
-from features.errors import BackboneError
+from features.errors import BackboneError, CacheCorruptError
 from pipeline import extract
 from pipeline.config import Config
 from tests.conftest import TINY, write_photo, write_png
@@ -473,3 +473,68 @@ def test_an_engine_the_exporter_refuses_says_to_use_torch(
     monkeypatch.setattr("features.onnx_engine.export_code_model", refuse)
     with pytest.raises(BackboneError, match=r"extract.engine = 'auto'\) cannot export"):
         extract.run(make_config(image_folder, "extract.engine=auto"))
+
+
+def _flip_a_code_byte(shard: Path) -> None:
+    """One flipped byte in the codes, as on a bad disk; the size is unchanged."""
+    with h5py.File(shard, "r") as h5:
+        offset = h5["codes/top/none"].id.get_offset()
+    data = bytearray(shard.read_bytes())
+    data[offset + 17] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def _truncate(shard: Path) -> None:
+    shard.write_bytes(shard.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize("damage", [_flip_a_code_byte, _truncate])
+def test_a_damaged_shard_is_refused_then_repaired_by_extract(
+    image_folder: Path,
+    make_config: MakeConfig,
+    damage: Callable[[Path], None],
+) -> None:
+    cfg = make_config(image_folder, "extract.shard_size=4")
+    first = extract.run(cfg)
+    expected = load_codes(first.path, "top", "none").X
+    shard = first.path.with_suffix(".shards") / "shard-000002.h5"
+    damage(shard)
+    # Readers refuse it before serving a row, naming the shard and the fix.
+    with pytest.raises(
+        CacheCorruptError,
+        match=r"shard-000002.h5: .*Fix: run `quadrant extract` again with the same "
+        r"settings: it checks every shard's checksum",
+    ):
+        load_codes(first.path, "top", "none")
+    assert verify(first.path)[0].startswith(f"{first.path.stem}.shards/shard-000002")
+    # The fix, followed literally: only that shard is computed again.
+    repaired = extract.run(cfg)
+    assert (repaired.reused, repaired.computed_rows) == (False, 4)
+    assert verify(repaired.path) == []
+    np.testing.assert_array_equal(load_codes(repaired.path, "top", "none").X, expected)
+
+
+def test_a_damaged_cache_file_is_rebuilt_from_its_sound_shards(
+    image_folder: Path, make_config: MakeConfig
+) -> None:
+    cfg = make_config(image_folder, "extract.shard_size=4")
+    first = extract.run(cfg)
+    expected = load_codes(first.path, "top", "none").X
+    first.path.write_bytes(first.path.read_bytes()[:300])  # the index, truncated
+    with pytest.raises(CacheCorruptError, match=r"Delete it and run `quadrant extract"):
+        load_codes(first.path, "top", "none")
+    rebuilt = extract.run(cfg)
+    assert rebuilt.computed_rows == 0 and verify(rebuilt.path) == []
+    np.testing.assert_array_equal(load_codes(rebuilt.path, "top", "none").X, expected)
+
+
+def test_a_copy_with_new_file_times_is_checked_and_read(
+    image_folder: Path, make_config: MakeConfig
+) -> None:
+    cfg = make_config(image_folder, "extract.shard_size=4")
+    first = extract.run(cfg)
+    expected = load_codes(first.path, "top", "none").X
+    for shard in _shards(cfg.cache_dir):
+        os.utime(shard, ns=(1, 1))  # copied without its times (cp without -p)
+    np.testing.assert_array_equal(load_codes(first.path, "top", "none").X, expected)
+    assert extract.run(cfg).reused
