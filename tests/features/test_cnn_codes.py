@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
@@ -125,3 +126,22 @@ def test_cnn_codes_with_a_timm_vit_class_token(image_folder: Path) -> None:
     )
     paths = sorted(image_folder.rglob("*.png"))[:3]
     assert codes.fit().transform(paths).shape == (3, 192)
+
+
+def test_clones_share_one_network_per_process(tmp_path: Path) -> None:
+    """A search fits a clone per fold and candidate: the network is built once."""
+    from sklearn.base import clone
+
+    first = CNNCodes(**TINY).fit()
+    again = clone(first).fit()
+    assert again.model_ is first.model_
+    assert CNNCodes(**{**TINY, "layer": "layer2"}).fit().model_ is not first.model_
+    # Weights given as a file are known by their content, not their name.
+    weights = tmp_path / "w.pt"
+    torch.save(first.backbone_.model.state_dict(), weights)
+    from_file = CNNCodes(**{**TINY, "weights": str(weights)}).fit()
+    torch.save(
+        {k: v + 1 for k, v in first.backbone_.model.state_dict().items()}, weights
+    )
+    changed = CNNCodes(**{**TINY, "weights": str(weights)}).fit()
+    assert changed.model_ is not from_file.model_
