@@ -161,13 +161,16 @@ def predict(
     started = f"quadrant predict {model} {' '.join(map(str, paths))} --out {out}"
     with command_log(out.parent / "quadrant.log", "predict", started):
         result = predict_stage.run(model, paths, out=out, options=options)
+    code = predict_stage.EXIT_SOME_FAILED if result.failed else 0
+    if int(os.environ.get("RANK", "0")) != 0:
+        return code  # under torchrun, rank 0 reports for the job
     resumed = f", {result.resumed_parts} parts resumed" if result.resumed_parts else ""
     print(
         f"predicted {result.predicted} images ({result.failed} unreadable, listed "
         f"with their error{resumed}) -> {result.out} [{result.provider}]; "
         f"summary: {result.summary}"
     )
-    return predict_stage.EXIT_SOME_FAILED if result.failed else 0
+    return code
 
 
 def advise(cfg: Config) -> int:

@@ -21,7 +21,7 @@ import stat
 import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,14 @@ from features.atomic import check_output_file
 from features.backbones import sha256_of
 from features.data import list_files
 from features.devices import resolve_device
+from features.distributed import (
+    World,
+    gather_text,
+    join_world,
+    leave_world,
+    run_on_main,
+    share_text,
+)
 from features.errors import ConfigError, DataError, ImageDecodeError, StageInputError
 from features.names import DECODE_MODES
 from features.onnx_engine import session
@@ -107,6 +115,18 @@ class PredictResult:
     provider: str
     resumed_parts: int = 0
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PredictResult:
+        """The result rank 0 sent to the other ranks as JSON."""
+        return cls(
+            Path(data["out"]),
+            Path(data["summary"]),
+            int(data["predicted"]),
+            int(data["failed"]),
+            str(data["provider"]),
+            int(data["resumed_parts"]),
+        )
+
 
 @dataclass(frozen=True)
 class _Model:
@@ -142,18 +162,49 @@ def run(
         predictions.check_dataset_folder(out)
     else:
         check_output_file(out, setting="--out")
-    loaded = _load(model, options.device)
-    options = _with_top_k(options, len(loaded.label_names))
-    entries = list(gather(paths))
-    store = PartStore(out, _job(model, loaded, entries, options))
-    resumed = store.open()
-    if resumed:
-        log.info(
-            "resuming: %d of %d parts were committed by an earlier run",
-            resumed,
-            store.job.parts(),
+    world = join_world()
+    try:
+        if world.size > 1 and "-" in map(str, paths):
+            raise ConfigError(
+                "a path list on stdin (-) is read by one process; under torchrun "
+                "give a CSV with a 'path' column instead"
+            )
+        loaded = _load(model, options.device)
+        options = _with_top_k(options, len(loaded.label_names))
+        entries = list(gather(paths))
+        store = PartStore(out, _job(model, loaded, entries, options))
+        resumed = run_on_main(world, store.open) or 0
+        store.refresh()
+        if resumed:
+            log.info(
+                "resuming: %d of %d parts were committed by an earlier run",
+                resumed,
+                store.job.parts(),
+            )
+        mine = store.missing()[world.rank :: world.size]
+        _predict_parts(store, loaded, entries, options, mine, world)
+        gather_text(world, "done")  # every rank's parts are committed
+        result = run_on_main(
+            world, lambda: _publish(store, loaded, out, fmt, model, options, resumed)
         )
-    _predict_parts(store, loaded, entries, options)
+        text = json.dumps(asdict(result), default=str) if result else None
+        shared = share_text(world, text)
+    finally:
+        leave_world(world)
+    return result or PredictResult.from_dict(json.loads(shared))
+
+
+def _publish(
+    store: PartStore,
+    loaded: _Model,
+    out: Path,
+    fmt: str,
+    model: Path,
+    options: PredictOptions,
+    resumed: int,
+) -> PredictResult:
+    """Write the output and its summary from every committed part."""
+    store.refresh()
     rows, failed = _require_some_predicted(store)
     predictions.publish(store, out, fmt)
     provider = loaded.session.get_providers()[0]
@@ -228,18 +279,25 @@ def _job(
 
 
 def _predict_parts(
-    store: PartStore, model: _Model, entries: list[Entry], options: PredictOptions
+    store: PartStore,
+    model: _Model,
+    entries: list[Entry],
+    options: PredictOptions,
+    parts: list[int],
+    world: World,
 ) -> None:
-    """Predict and commit every missing part; stop past --max-failures."""
+    """Predict and commit `parts`; stop past --max-failures (counted per
+    process under torchrun)."""
     limit = options.failure_limit(len(entries))
     transform = eval_transform(model.prep)
     done, failed = store.totals()
+    total = sum(len(store.rows_of(p)) for p in parts)
+    show = options.progress and world.main
     with (
         ThreadPoolExecutor(4) as pool,
-        progress_bar(len(entries), desc="predict", enabled=options.progress) as bar,
+        progress_bar(total, desc="predict", enabled=show) as bar,
     ):
-        bar.update(done)
-        for part in store.missing():
+        for part in parts:
             rows = store.rows_of(part)
             columns = _empty_columns(model, options, store.job.extra_columns)
             for start in range(rows.start, rows.stop, options.batch_size):

@@ -183,7 +183,12 @@ def schema(job: Job) -> pa.Schema:
 
 
 class PartStore:
-    """The committed parts of one job, in a hidden folder beside the output."""
+    """The committed parts of one job, in a hidden folder beside the output.
+
+    `index.json` names the job; each committed part is its Parquet file and
+    a record of its counts (`part-NNNNNN.json`, written after the part), so
+    that several processes commit parts side by side without sharing a file.
+    """
 
     def __init__(self, out: Path, job: Job) -> None:
         self.folder = out.with_name(f".{out.name}.parts")
@@ -193,16 +198,26 @@ class PartStore:
         self.committed: dict[int, dict[str, int]] = {}
 
     def open(self) -> int:
-        """Keep the parts of the same job, discard another job's; the count kept."""
+        """Keep the parts of the same job, discard another job's; the count kept.
+
+        Under torchrun, rank 0 alone opens the store; the others `refresh`.
+        """
         index = self._read_index()
         if index is None or index.get("job") != self.job.key():
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder.mkdir(parents=True)
-            self._write_index()
-            return 0
-        for name, counts in index["parts"].items():
-            if self._part_file(int(name)).is_file():
-                self.committed[int(name)] = counts
+            write_json(self.index_file, {"job": self.job.key()})
+        return self.refresh()
+
+    def refresh(self) -> int:
+        """Read which parts are committed (by any process); their count."""
+        self.committed = {}
+        for part in range(self.job.parts()):
+            record = self._record_file(part)
+            if record.is_file() and self._part_file(part).is_file():
+                counts = read_optional_json(record)
+                if isinstance(counts, dict):
+                    self.committed[part] = counts
         return len(self.committed)
 
     def _read_index(self) -> dict[str, Any] | None:
@@ -225,7 +240,7 @@ class PartStore:
         return range(start, min(start + self.job.part_rows, self.job.rows))
 
     def commit(self, part: int, columns: dict[str, list[Any]]) -> None:
-        """Write one part atomically, then record it in the index."""
+        """Write one part atomically, then its record."""
         now = datetime.now(UTC)
         rows = len(columns["path"])
         columns = columns | {
@@ -237,7 +252,7 @@ class PartStore:
             pq.write_table(table, tmp)
         failed = sum(error is not None for error in columns["error"])
         self.committed[part] = {"rows": rows, "failed": failed}
-        self._write_index()
+        write_json(self._record_file(part), self.committed[part])
 
     def totals(self) -> tuple[int, int]:
         """(rows, failed) over the committed parts."""
@@ -254,14 +269,8 @@ class PartStore:
     def _part_file(self, part: int) -> Path:
         return self.folder / f"part-{part:06d}.parquet"
 
-    def _write_index(self) -> None:
-        write_json(
-            self.index_file,
-            {
-                "job": self.job.key(),
-                "parts": {str(k): v for k, v in sorted(self.committed.items())},
-            },
-        )
+    def _record_file(self, part: int) -> Path:
+        return self.folder / f"part-{part:06d}.json"
 
 
 def publish(store: PartStore, out: Path, fmt: str) -> None:

@@ -164,10 +164,8 @@ def _one_thread() -> dict[str, str]:
 
 
 def _committed(index: Path) -> int:
-    try:
-        return len(json.loads(index.read_text())["parts"])
-    except (OSError, ValueError):
-        return 0
+    """Parts committed so far: each has its record beside the index."""
+    return len(list(index.parent.glob("part-*.json")))
 
 
 def test_another_job_never_reuses_the_parts(model: Path, tmp_path: Path) -> None:
@@ -374,3 +372,26 @@ def test_a_manifests_columns_go_along_to_the_output(
     predict.run(model, [manifest, folder], out=tmp_path / "p.parquet")
     table = pq.read_table(tmp_path / "p.parquet")
     assert table.column("id").to_pylist() == ["A-7", "B-9", None, None]
+
+
+def test_torchrun_two_processes_write_the_one_process_rows(
+    model: Path, tmp_path: Path
+) -> None:
+    from tests.features.test_distributed import _free_port
+
+    folder = _images(tmp_path / "in", 50)
+    args = ["--part-rows", "8", "-q"]
+    one = tmp_path / "one.parquet"
+    assert main(["predict", str(model), str(folder), "--out", str(one), *args]) == 0
+    two = tmp_path / "two.parquet"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    command += ["--master-port", str(_free_port()), "-m", "pipeline", "predict"]
+    command += [str(model), str(folder), "--out", str(two), *args]
+    done = subprocess.run(
+        command, cwd=tmp_path, env=_one_thread(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("predicted 50 images (0 unreadable") == 1
+    rows = [pq.read_table(p).drop(["predicted_at"]).to_pylist() for p in (one, two)]
+    assert rows[0] == rows[1] and len(rows[0]) == 50
+    assert not (tmp_path / ".two.parquet.parts").exists()
