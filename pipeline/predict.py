@@ -171,8 +171,8 @@ def run(
             )
         loaded = _load(model, options.device)
         options = _with_top_k(options, len(loaded.label_names))
-        entries = list(gather(paths))
-        store = PartStore(out, _job(model, loaded, entries, options))
+        inputs = Inputs(paths)
+        store = PartStore(out, _job(model, loaded, inputs, options))
         resumed = run_on_main(world, store.open) or 0
         store.refresh()
         if resumed:
@@ -182,7 +182,7 @@ def run(
                 store.job.parts(),
             )
         mine = store.missing()[world.rank :: world.size]
-        _predict_parts(store, loaded, entries, options, mine, world)
+        _predict_parts(store, loaded, inputs, options, mine, world)
         gather_text(world, "done")  # every rank's parts are committed
         result = run_on_main(
             world, lambda: _publish(store, loaded, out, fmt, model, options, resumed)
@@ -262,33 +262,33 @@ def _with_top_k(options: PredictOptions, classes: int) -> PredictOptions:
     return options
 
 
-def _job(
-    model: Path, loaded: _Model, entries: list[Entry], options: PredictOptions
-) -> Job:
+def _job(model: Path, loaded: _Model, inputs: Inputs, options: PredictOptions) -> Job:
     assert options.top_k is not None  # set by _with_top_k
+    count, digest, columns = predictions.describe(inputs)
     return Job(
         sha256_of(model),
-        predictions.inputs_digest(entries),
-        len(entries),
+        digest,
+        count,
         options.top_k,
         options.all_scores,
         loaded.label_names,
         options.part_rows,
-        predictions.passed_through(entries),
+        columns,
     )
 
 
 def _predict_parts(
     store: PartStore,
     model: _Model,
-    entries: list[Entry],
+    inputs: Inputs,
     options: PredictOptions,
     parts: list[int],
     world: World,
 ) -> None:
-    """Predict and commit `parts`; stop past --max-failures (counted per
-    process under torchrun)."""
-    limit = options.failure_limit(len(entries))
+    """Predict and commit `parts`, streaming the inputs once; stop past
+    --max-failures (counted per process under torchrun)."""
+    limit = options.failure_limit(store.job.rows)
+    wanted = set(parts)
     transform = eval_transform(model.prep)
     done, failed = store.totals()
     total = sum(len(store.rows_of(p)) for p in parts)
@@ -297,11 +297,12 @@ def _predict_parts(
         ThreadPoolExecutor(4) as pool,
         progress_bar(total, desc="predict", enabled=show) as bar,
     ):
-        for part in parts:
-            rows = store.rows_of(part)
+        for part, entries in inputs.parts(store.job.part_rows):
+            if part not in wanted:
+                continue
             columns = _empty_columns(model, options, store.job.extra_columns)
-            for start in range(rows.start, rows.stop, options.batch_size):
-                batch = entries[start : min(start + options.batch_size, rows.stop)]
+            for start in range(0, len(entries), options.batch_size):
+                batch = entries[start : start + options.batch_size]
                 decoded = list(
                     pool.map(
                         lambda e: _prepare(e.path, transform, model.decoding), batch
@@ -431,7 +432,35 @@ def _check_graph(model: Path, sess: Any, prep: Preprocessing) -> None:
 # The inputs
 
 
-def gather(paths: Sequence[str | Path]) -> Iterator[Entry]:
+class Inputs:
+    """The input entries, streamed as often as needed: a manifest of ten
+    million rows is read row by row, never held whole (a list on stdin,
+    which can be read once, is kept)."""
+
+    def __init__(self, paths: Sequence[str | Path]) -> None:
+        self.paths = [str(p) for p in paths]
+        self.stdin = (
+            [line.rstrip("\n") for line in sys.stdin if line.strip()]
+            if "-" in self.paths
+            else []
+        )
+
+    def __iter__(self) -> Iterator[Entry]:
+        return gather(self.paths, stdin=self.stdin)
+
+    def parts(self, part_rows: int) -> Iterator[tuple[int, list[Entry]]]:
+        """(part number, its entries), in order."""
+        part, chunk = 0, []
+        for entry in self:
+            chunk.append(entry)
+            if len(chunk) == part_rows:
+                yield part, chunk
+                part, chunk = part + 1, []
+        if chunk:
+            yield part, chunk
+
+
+def gather(paths: Sequence[str | Path], stdin: Sequence[str] = ()) -> Iterator[Entry]:
     """Every input entry, in order: files, folders (sorted, recursively),
     CSV manifests with a `path` column (their other columns go along to the
     output), and `-` (one path per line on stdin).
@@ -441,7 +470,7 @@ def gather(paths: Sequence[str | Path]) -> Iterator[Entry]:
     """
     found = 0
     for given in paths:
-        for file in _expand(str(given)):
+        for file in _expand(str(given), stdin):
             found += 1
             yield file
     if not found:
@@ -451,11 +480,9 @@ def gather(paths: Sequence[str | Path]) -> Iterator[Entry]:
         )
 
 
-def _expand(given: str) -> Iterator[Entry]:
+def _expand(given: str, stdin: Sequence[str]) -> Iterator[Entry]:
     if given == "-":
-        for line in sys.stdin:
-            if line.strip():
-                yield Entry(line.rstrip("\n"))
+        yield from (Entry(line) for line in stdin)
         return
     if _URL.match(given):
         raise StageInputError(

@@ -2,9 +2,9 @@
 
 `quadrant predict` writes its rows in parts (`--part-rows`, 1,024 images by
 default), each a Parquet file written atomically under a hidden folder
-beside the output (`.predictions.csv.parts/`), with a small index
-(`index.json`) of the parts committed and of the job they belong to. A
-killed run, started again with the same model, inputs and options, skips
+beside the output (`.predictions.csv.parts/`), with an index of the job
+they belong to (`index.json`) and a record per committed part. A killed
+run, started again with the same model, inputs and options, skips
 the committed parts; when every part is there the output is written in one
 atomic step (a CSV file, a Parquet file, or a folder of Parquet files, a
 partitioned dataset) with a JSON summary beside it, and the parts folder is
@@ -23,7 +23,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -101,24 +101,21 @@ def output_name(column: str) -> str:
     return f"input_{column}" if clashes else column
 
 
-def passed_through(entries: Sequence[Entry]) -> tuple[str, ...]:
-    """The manifests' columns besides `path`, in first-seen order."""
-    seen: dict[str, None] = {}
-    for entry in entries:
-        for name in entry.columns:
-            seen.setdefault(name, None)
-    return tuple(seen)
-
-
-def inputs_digest(entries: Sequence[Entry]) -> str:
-    """sha256 of the ordered input list and its manifest columns: another
-    list is another job."""
+def describe(entries: Iterable[Entry]) -> tuple[int, str, tuple[str, ...]]:
+    """One pass over the inputs: (count, sha256 of the ordered list and its
+    manifest columns, the manifests' columns besides `path` in first-seen
+    order). Another list is another job."""
     digest = hashlib.sha256()
+    columns: dict[str, None] = {}
+    count = 0
     for entry in entries:
+        count += 1
         digest.update(entry.path.encode("utf-8", "surrogateescape") + b"\0")
         if entry.columns:
             digest.update(json.dumps(sorted(entry.columns.items())).encode() + b"\0")
-    return digest.hexdigest()
+            for name in entry.columns:
+                columns.setdefault(name, None)
+    return count, digest.hexdigest(), tuple(columns)
 
 
 def output_format(out: Path) -> str:
