@@ -266,11 +266,12 @@ def test_bad_arguments_are_one_clean_error(
     model: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
     extra: list[str],
     message: str,
 ) -> None:
     folder = _images(tmp_path / "in", 2)
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     assert main(["predict", str(model), str(folder), *extra]) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

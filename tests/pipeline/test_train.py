@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
+from features.cache import _digest_dataset, _shard_stats
 from features.errors import CacheMismatchError, DataError
 from pipeline import evaluate, extract, sweep, train
 from pipeline.cli import main
@@ -194,8 +195,14 @@ def test_non_finite_codes_are_refused(
 ) -> None:
     cfg = make_config(image_folder)
     path = extract.run(cfg).path
-    with h5py.File(path, "r+") as h5:
+    # As if the network computed them (fp16 overflow): NaN in a shard whose
+    # checksum and recorded file times say it was written so.
+    shard = path.with_suffix(".shards") / "shard-000000.h5"
+    with h5py.File(shard, "r+") as h5:
         h5["codes/top/none"][2, :3] = np.nan
+        h5["codes/top/none"].attrs["sha256"] = _digest_dataset(h5["codes/top/none"])
+    with h5py.File(path, "r+") as h5:
+        h5.attrs["shard_stats"] = json.dumps(_shard_stats(shard.parent, 1))
     with pytest.raises(
         DataError,
         match=r"top/none: 1 of \d+ code rows hold NaN or "

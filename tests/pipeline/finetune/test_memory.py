@@ -19,6 +19,7 @@ from pipeline.finetune.stage import build_model
 from tests.pipeline.finetune.conftest import config, write_classes
 
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _model(size: int) -> tuple[nn.Module, object]:
@@ -83,7 +84,9 @@ need = memory.step_memory(model, 128, ft, torch.device("cpu"))
 moments = 2 * sum(p.numel() * 4 for p in model.parameters())  # AdamW's, not made here
 print(forward, 16 * need.per_image, step + moments, need.bytes_for(16))
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO
+    )
     assert out.returncode == 0, out.stderr
     forward, activations, step, estimate = map(int, out.stdout.split())
     assert 0.75 * forward < activations < 1.1 * forward
