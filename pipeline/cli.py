@@ -183,9 +183,21 @@ def _add_layers(sub: Subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def _add_cache(sub: Subparsers, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("cache", parents=[common], help="inspect or check a code cache")
-    p.add_argument("action", choices=["info", "verify"])
-    p.add_argument("file", type=Path, help="a codes-*.h5 file")
+    p = sub.add_parser(
+        "cache", parents=[common], help="inspect, check or prune code caches"
+    )
+    p.add_argument("action", choices=["info", "verify", "prune"])
+    p.add_argument("file", type=Path, help="a codes-*.h5 file (prune: a cache folder)")
+    p.add_argument("--older-than", help="prune: caches older than this (30d, 12h)")
+    p.add_argument("--max-size", help="prune: the oldest until the folder fits (50G)")
+    p.add_argument(
+        "--keep-used-by",
+        type=Path,
+        action="append",
+        default=[],
+        help="prune: keep the caches these run folders' models were trained on",
+    )
+    p.add_argument("--dry-run", action="store_true", help="prune: list, remove nothing")
     p.set_defaults(handler=_cache)
 
 
@@ -334,6 +346,14 @@ def _cache(args: argparse.Namespace) -> int:
 
     if args.action == "info":
         return commands.cache_info(args.file)
+    if args.action == "prune":
+        return commands.cache_prune(
+            args.file,
+            older_than=args.older_than,
+            max_size=args.max_size,
+            keep_used_by=args.keep_used_by,
+            dry_run=args.dry_run,
+        )
     return commands.cache_verify(args.file)
 
 

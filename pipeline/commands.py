@@ -23,7 +23,12 @@ from features.backbones import (
     stage_reductions,
 )
 from features.cache import read_info, verify
-from features.errors import BackboneError, CacheCorruptError, OutputError
+from features.errors import (
+    BackboneError,
+    CacheCorruptError,
+    ConfigError,
+    OutputError,
+)
 from features.extractor import ExtractResult
 from features.layers import TOP, code_dims, layer_names, layer_shapes, resolve_top
 from features.pooling import parse_pooling
@@ -351,6 +356,40 @@ def cache_verify(path: Path) -> int:
             "computes only the damaged ones again."
         )
     print(f"{path}: OK (structure and checksums verified)")
+    return 0
+
+
+def cache_prune(
+    folder: Path,
+    *,
+    older_than: str | None,
+    max_size: str | None,
+    keep_used_by: Sequence[Path],
+    dry_run: bool,
+) -> int:
+    """`quadrant cache prune FOLDER`: remove whole caches, oldest first."""
+    from features import housekeeping
+
+    if older_than is None and max_size is None:
+        raise ConfigError(
+            "cache prune needs --older-than (30d) and/or --max-size (50G)"
+        )
+    age = housekeeping.parse_age(older_than) if older_than else None
+    size = housekeeping.parse_size(max_size) if max_size else None
+    entries = housekeeping.list_caches(folder)
+    keep = housekeeping.used_caches(list(keep_used_by))
+    chosen = housekeeping.select(entries, older_than=age, max_size=size, keep=keep)
+    verb = "would remove" if dry_run else "removed"
+    for entry in chosen:
+        if not dry_run:
+            housekeeping.remove(entry)
+        print(f"{verb} {housekeeping.describe(entry)}")
+    freed = sum(e.size_bytes for e in chosen)
+    left = sum(e.size_bytes for e in entries) - freed
+    print(
+        f"{verb} {len(chosen)} of {len(entries)} caches ({freed / 2**20:.1f} MiB); "
+        f"{left / 2**20:.1f} MiB left in {folder}"
+    )
     return 0
 
 
