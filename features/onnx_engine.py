@@ -116,7 +116,7 @@ def session(
     if threads:
         options.intra_op_num_threads = threads
     available = ort.get_available_providers()
-    providers = ["CPUExecutionProvider"]
+    providers: list[Any] = ["CPUExecutionProvider"]
     # NOTE: onnxruntime-gpu lists the CUDA provider even where no driver is
     # installed, then prints an error while falling back; torch knows better.
     if (
@@ -124,9 +124,15 @@ def session(
         and "CUDAExecutionProvider" in available
         and torch.cuda.is_available()
     ):
-        providers.insert(0, "CUDAExecutionProvider")
+        providers.insert(0, ("CUDAExecutionProvider", cuda_options(device)))
     source = str(path_or_bytes) if isinstance(path_or_bytes, Path) else path_or_bytes
     return ort.InferenceSession(source, sess_options=options, providers=providers)
+
+
+def cuda_options(device: str) -> dict[str, int]:
+    """onnxruntime's CUDA provider options for "cuda" or "cuda:N" (GPU N)."""
+    _, _, index = device.partition(":")
+    return {"device_id": int(index) if index else 0}
 
 
 class OnnxRunner:

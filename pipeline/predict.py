@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from features.atomic import check_output_file
 from features.backbones import sha256_of
@@ -169,7 +170,7 @@ def run(
                 "a path list on stdin (-) is read by one process; under torchrun "
                 "give a CSV with a 'path' column instead"
             )
-        loaded = _load(model, options.device)
+        loaded = _load(model, _rank_device(options.device, world))
         options = _with_top_k(options, len(loaded.label_names))
         inputs = Inputs(paths)
         store = PartStore(out, _job(model, loaded, inputs, options))
@@ -192,6 +193,13 @@ def run(
     finally:
         leave_world(world)
     return result or PredictResult.from_dict(json.loads(shared))
+
+
+def _rank_device(device: str, world: World) -> str:
+    """Under torchrun each rank of a machine takes its own GPU (LOCAL_RANK)."""
+    if world.size > 1 and device in ("auto", "cuda"):
+        return f"cuda:{world.local_rank}" if torch.cuda.is_available() else device
+    return device
 
 
 def _publish(

@@ -396,3 +396,16 @@ def test_torchrun_two_processes_write_the_one_process_rows(
     rows = [pq.read_table(p).drop(["predicted_at"]).to_pylist() for p in (one, two)]
     assert rows[0] == rows[1] and len(rows[0]) == 50
     assert not (tmp_path / ".two.parquet.parts").exists()
+
+
+def test_each_torchrun_rank_takes_its_own_gpu() -> None:
+    from features.distributed import World
+    from features.onnx_engine import cuda_options
+
+    assert cuda_options("cuda") == {"device_id": 0}
+    assert cuda_options("cuda:3") == {"device_id": 3}
+    one, second = World(), World(rank=1, size=2, local_rank=1, local_size=2)
+    assert predict._rank_device("auto", one) == "auto"
+    assert predict._rank_device("cpu", second) == "cpu"
+    gpu = "cuda:1" if __import__("torch").cuda.is_available() else "auto"
+    assert predict._rank_device("auto", second) == gpu
