@@ -488,16 +488,23 @@ def _truncate(shard: Path) -> None:
     shard.write_bytes(shard.read_bytes()[:-100])
 
 
+def _small_shards(
+    image_folder: Path, make_config: MakeConfig
+) -> tuple[Config, Path, np.ndarray]:
+    """A cache in shards of 4 rows: (config, cache file, its top codes)."""
+    cfg = make_config(image_folder, "extract.shard_size=4")
+    path = extract.run(cfg).path
+    return cfg, path, load_codes(path, "top", "none").X
+
+
 @pytest.mark.parametrize("damage", [_flip_a_code_byte, _truncate])
 def test_a_damaged_shard_is_refused_then_repaired_by_extract(
     image_folder: Path,
     make_config: MakeConfig,
     damage: Callable[[Path], None],
 ) -> None:
-    cfg = make_config(image_folder, "extract.shard_size=4")
-    first = extract.run(cfg)
-    expected = load_codes(first.path, "top", "none").X
-    shard = first.path.with_suffix(".shards") / "shard-000002.h5"
+    cfg, path, expected = _small_shards(image_folder, make_config)
+    shard = path.with_suffix(".shards") / "shard-000002.h5"
     damage(shard)
     # Readers refuse it before serving a row, naming the shard and the fix.
     with pytest.raises(
@@ -505,8 +512,8 @@ def test_a_damaged_shard_is_refused_then_repaired_by_extract(
         match=r"shard-000002.h5: .*Fix: run `quadrant extract` again with the same "
         r"settings: it checks every shard's checksum",
     ):
-        load_codes(first.path, "top", "none")
-    assert verify(first.path)[0].startswith(f"{first.path.stem}.shards/shard-000002")
+        load_codes(path, "top", "none")
+    assert verify(path)[0].startswith(f"{path.stem}.shards/shard-000002")
     # The fix, followed literally: only that shard is computed again.
     repaired = extract.run(cfg)
     assert (repaired.reused, repaired.computed_rows) == (False, 4)
@@ -517,12 +524,10 @@ def test_a_damaged_shard_is_refused_then_repaired_by_extract(
 def test_a_damaged_cache_file_is_rebuilt_from_its_sound_shards(
     image_folder: Path, make_config: MakeConfig
 ) -> None:
-    cfg = make_config(image_folder, "extract.shard_size=4")
-    first = extract.run(cfg)
-    expected = load_codes(first.path, "top", "none").X
-    first.path.write_bytes(first.path.read_bytes()[:300])  # the index, truncated
+    cfg, path, expected = _small_shards(image_folder, make_config)
+    path.write_bytes(path.read_bytes()[:300])  # the index, truncated
     with pytest.raises(CacheCorruptError, match=r"Delete it and run `quadrant extract"):
-        load_codes(first.path, "top", "none")
+        load_codes(path, "top", "none")
     rebuilt = extract.run(cfg)
     assert rebuilt.computed_rows == 0 and verify(rebuilt.path) == []
     np.testing.assert_array_equal(load_codes(rebuilt.path, "top", "none").X, expected)
@@ -531,10 +536,8 @@ def test_a_damaged_cache_file_is_rebuilt_from_its_sound_shards(
 def test_a_copy_with_new_file_times_is_checked_and_read(
     image_folder: Path, make_config: MakeConfig
 ) -> None:
-    cfg = make_config(image_folder, "extract.shard_size=4")
-    first = extract.run(cfg)
-    expected = load_codes(first.path, "top", "none").X
+    cfg, path, expected = _small_shards(image_folder, make_config)
     for shard in _shards(cfg.cache_dir):
         os.utime(shard, ns=(1, 1))  # copied without its times (cp without -p)
-    np.testing.assert_array_equal(load_codes(first.path, "top", "none").X, expected)
+    np.testing.assert_array_equal(load_codes(path, "top", "none").X, expected)
     assert extract.run(cfg).reused
