@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 from dataclasses import dataclass, replace
 from typing import Any
 
 from features.backbones import Backbone, fixed_input_size
 from features.data import ImageSet
-from features.errors import ImageDecodeError, TrainingError
-from features.images import probe_image
+from features.errors import TrainingError
 from features.layers import TOP
 from pipeline.advisor.record import Candidate, Depth, Pilot, Similarity, Size
 from pipeline.advisor.size import FinetuneOption, finetune_keys
 from pipeline.config import Config
-from pipeline.finetune import StepRate, step_rate
+from pipeline.finetune import StepRate, native_side, step_rate
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +38,6 @@ LOADER_SHARE = 0.85
 # Export (ONNX, checker, parity) and the report, measured at 10-25 s for
 # EfficientNet-Lite0 on two CPU cores.
 EXPORT_SECONDS = 20.0
-# Headers read to tell the images' native size.
-_SIZE_SAMPLE = 64
 
 
 @dataclass(frozen=True)
@@ -59,19 +55,6 @@ class Costs:
     extract_per_image: float
     extracted: bool
     rates: dict[str, StepRate]
-
-
-def native_side(images: ImageSet) -> float:
-    """The median shorter side of a sample of training images, in pixels."""
-    train = [r for r in images.records if r.split == "train"]
-    step = max(1, len(train) // _SIZE_SAMPLE)
-    sides = []
-    for record in train[::step][:_SIZE_SAMPLE]:
-        try:
-            sides.append(min(probe_image(images.absolute(record))))
-        except ImageDecodeError:
-            continue
-    return float(statistics.median(sides)) if sides else math.inf
 
 
 def input_sizes(native: float, backbone_size: int) -> list[int]:

@@ -6,11 +6,11 @@
 - `optim`: parameter groups, the optimiser and its schedule.
 - `checkpoints`: checkpoints, best-model tracking, early stopping, history.
 - `pilot`: the advisor's budgeted pilot fine-tune.
-- `data`: datasets, augmentation and loaders.
+- `data`: datasets, augmentation and loaders; the images' native size.
 """
 
 from pipeline.finetune.cost import StepRate, step_rate
-from pipeline.finetune.data import loader, split_dataset
+from pipeline.finetune.data import loader, native_side, split_dataset
 from pipeline.finetune.pilot import PilotRun, pilot, pilot_budget
 from pipeline.finetune.stage import FinetuneResult, build_model, model_stamp, run
 
@@ -21,6 +21,7 @@ __all__ = [
     "build_model",
     "loader",
     "model_stamp",
+    "native_side",
     "pilot",
     "pilot_budget",
     "run",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -79,6 +80,21 @@ def resolve_augment(
     """
     if augment != "auto":
         return augment
+    native = native_side(images)
+    chosen = "none" if native < prep.input_size / 2 else "standard"
+    if log_it:
+        log.info(
+            "finetune.augment = 'auto': %s (median shorter side %s px, input %d px)",
+            chosen,
+            f"{native:.0f}" if math.isfinite(native) else "unknown",
+            prep.input_size,
+        )
+    return chosen
+
+
+def native_side(images: ImageSet) -> float:
+    """The median shorter side of a sample of training images, in pixels
+    (infinite when none could be read)."""
     train = [r for r in images.records if r.split == "train"]
     step = max(1, len(train) // _SIZE_SAMPLE)
     sides = []
@@ -87,16 +103,7 @@ def resolve_augment(
             sides.append(min(probe_image(images.absolute(record))))
         except ImageDecodeError:
             continue
-    small = bool(sides) and statistics.median(sides) < prep.input_size / 2
-    chosen = "none" if small else "standard"
-    if log_it:
-        log.info(
-            "finetune.augment = 'auto': %s (median shorter side %s px, input %d px)",
-            chosen,
-            f"{statistics.median(sides):.0f}" if sides else "unknown",
-            prep.input_size,
-        )
-    return chosen
+    return float(statistics.median(sides)) if sides else math.inf
 
 
 def train_decoding(decoding: Decoding, prep: Preprocessing, augment: str) -> Decoding:
