@@ -123,13 +123,14 @@ def fit(cfg: Config, cache: Path, layer: str, pooling: str) -> Fitted:
         The fitted pipeline, a summary of the search, a few code rows that pin
         its predictions, and the number of training rows.
     """
-    spec = _spec(cfg)
+    spec = classifier_spec(cfg)
     if cfg.train.classifier == "sgd":
         return _fit_streaming(cfg, spec, cache, layer, pooling)
     return _fit_grid(cfg, spec, cache, layer, pooling)
 
 
-def _spec(cfg: Config) -> ClassifierSpec:
+def classifier_spec(cfg: Config) -> ClassifierSpec:
+    """The configured classifier, as [train] describes it."""
     t = cfg.train
     return ClassifierSpec(
         t.classifier,
@@ -141,7 +142,8 @@ def _spec(cfg: Config) -> ClassifierSpec:
     )
 
 
-def _grids(cfg: Config) -> dict[str, Any]:
+def param_grids(cfg: Config) -> dict[str, Any]:
+    """The values [train] searches: C, gamma, alpha."""
     return {"C": cfg.train.C, "gamma": cfg.train.gamma, "alpha": cfg.train.alpha}
 
 
@@ -194,7 +196,7 @@ def _fit_grid(
     )
     search = GridSearchCV(
         build_pipeline(spec),
-        param_grid(spec.classifier, _grids(cfg)),
+        param_grid(spec.classifier, param_grids(cfg)),
         cv=cv,
         scoring=cfg.train.scoring,
         n_jobs=cfg.train.n_jobs,

@@ -49,7 +49,7 @@ from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
 
 from features.atomic import read_json, write_json
-from features.classifiers import ClassifierSpec, build_pipeline, param_grid
+from features.classifiers import build_pipeline, param_grid
 from features.codes import Codes, load_codes
 from features.data import ImageSet
 from features.errors import DataError
@@ -59,6 +59,7 @@ from pipeline.advisor.record import CurvePoint, Pilot, Reference, Size
 from pipeline.config import Config
 from pipeline.inputs import load_images
 from pipeline.stamps import stamp, stamp_of
+from pipeline.train import classifier_spec, param_grids
 
 log = logging.getLogger(__name__)
 
@@ -235,20 +236,12 @@ def _tuned(cfg: Config, train: Codes) -> tuple[GridSearchCV, Interval]:
             random_state=cfg.run.seed,
         )
         rows = train.take(np.sort(keep))
-    spec = ClassifierSpec(
-        t.classifier,
-        t.preprocess,
-        t.pca_components,
-        t.class_weight,
-        t.max_iter,
-        cfg.run.seed,
-    )
+    spec = classifier_spec(cfg)
     folds = min(t.cv_folds, int(np.bincount(rows.y).min()))
     cv = StratifiedKFold(max(2, folds), shuffle=True, random_state=cfg.run.seed)
-    grids = {"C": t.C, "gamma": t.gamma, "alpha": t.alpha}
     search = GridSearchCV(
         build_pipeline(spec),
-        param_grid(spec.classifier, grids),
+        param_grid(spec.classifier, param_grids(cfg)),
         cv=cv,
         scoring="accuracy",
         n_jobs=t.n_jobs,
