@@ -160,6 +160,7 @@ def predict(
 
     The run is logged to quadrant.log beside the output.
     """
+    from features.distributed import World
     from pipeline import predict as predict_stage
 
     check_writable(out.parent, setting="--out")
@@ -167,7 +168,7 @@ def predict(
     with command_log(out.parent / "quadrant.log", "predict", started):
         result = predict_stage.run(model, paths, out=out, options=options)
     code = predict_stage.EXIT_SOME_FAILED if result.failed else 0
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not World.from_env().main:
         return code  # under torchrun, rank 0 reports for the job
     resumed = f", {result.resumed_parts} parts resumed" if result.resumed_parts else ""
     print(
